@@ -1,0 +1,551 @@
+"""Matrix functions for Kronecker-factored natural-gradient optimizers.
+
+Everything that touches a curvature factor numerically lives here: symmetrisation, the
+factored-Tikhonov π correction, damped inverses with a defensive fallback ladder, eigen
+decompositions, Kronecker-factored solves and a first-order shifted inverse.
+
+Conventions
+-----------
+* A *factor* is a symmetric positive semi-definite (PSD) matrix such as the K-FAC activation
+  covariance ``A = E[a aᵀ]`` or gradient covariance ``G = E[g gᵀ]``.
+* Functions documented as *no sync* never move data to the host (no ``.item()``, ``float(t)``
+  or data-dependent Python control flow), so they can be queued on an accelerator stream and
+  used under ``torch.vmap``. The remaining functions take data-dependent decisions (stopping
+  rules, fallbacks) and therefore synchronise; they are meant to run once every few hundred
+  steps, when the factors are re-inverted.
+* Half-precision factors (bf16/fp16) are never inverted or decomposed in half precision: their
+  rounding error (~4e-3 for bf16) is larger than any useful damping, so they are upcast to
+  float32 first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "InverseResult",
+    "damped_inverse",
+    "eigh_factor",
+    "kronecker_solve_eigh",
+    "kronecker_solve_inverse",
+    "newton_schulz_inverse",
+    "pi_correction",
+    "shifted_inverse_first_order",
+    "symmetrize",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def symmetrize(matrix: Tensor) -> Tensor:
+    """Return the symmetric part ``(M + Mᵀ) / 2`` of a (batch of) square matrix. No sync.
+
+    Factors accumulated with floating-point sums (or updated by a non-symmetric iteration) drift
+    away from exact symmetry; ``eigh`` and Cholesky only read one triangle, so an asymmetric
+    input would silently be treated as a different matrix.
+    """
+    return 0.5 * (matrix + matrix.mT)
+
+
+def _check_square(matrix: Tensor, name: str) -> int:
+    """Raise ``ValueError`` unless ``matrix`` is a non-empty square 2-D tensor; return its size."""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` must be a non-empty square matrix, got shape {tuple(matrix.shape)}"
+        )
+    return int(matrix.shape[0])
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other real floating dtype is computed in float32."""
+    if dtype == torch.float64:
+        return torch.float64
+    if dtype.is_floating_point:
+        return torch.float32
+    raise TypeError(f"expected a real floating-point tensor, got dtype {dtype}")
+
+
+def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The promoted dtype of ``dtypes``, but never narrower than float32."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+def _eye_like(matrix: Tensor) -> Tensor:
+    return torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+
+
+def _add_to_diagonal(matrix: Tensor, value: float) -> Tensor:
+    """``M + value·I`` without modifying ``M``."""
+    out = matrix.clone()
+    out.diagonal().add_(value)
+    return out
+
+
+def _residual64(matrix64: Tensor, inverse: Tensor) -> float:
+    """‖M X − I‖_F / sqrt(d), evaluated in float64 (host sync).
+
+    Normalising by sqrt(d) makes the residual the RMS singular value of ``M X − I``: it is 1 for
+    ``X = 0`` and independent of the size, so one tolerance fits every layer.
+    """
+    error = matrix64 @ inverse.to(torch.float64) - _eye_like(matrix64)
+    return float(torch.linalg.matrix_norm(error)) / math.sqrt(matrix64.shape[-1])
+
+
+def _damping_value(damping: float | Tensor) -> float:
+    """Validate the damping and return it as a Python float (host sync)."""
+    value = float(damping.detach().reshape(())) if isinstance(damping, Tensor) else float(damping)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"damping must be finite and >= 0, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# π correction
+# ----------------------------------------------------------------------------------------------
+
+
+def pi_correction(activation_factor: Tensor, gradient_factor: Tensor, eps: float = 1e-12) -> Tensor:
+    """Factored-Tikhonov split ``π = sqrt((tr A / dim A) / (tr G / dim G))``. No sync.
+
+    Martens & Grosse (2015, §6.3) approximate ``(A ⊗ G + λ I)`` by
+    ``(A + π sqrt(λ) I) ⊗ (G + sqrt(λ)/π I)``; choosing π as the ratio of the average eigenvalues
+    (normalised traces) minimises the norm of the cross terms that this approximation adds.
+
+    Both normalised traces are floored at ``eps`` so that an all-zero factor (a dead layer, or
+    the first step before any statistics) yields a finite, positive π instead of 0/0 or 1/0.
+    Traces are accumulated in at least float32. Returns a 0-d tensor.
+    """
+    dtype = _accumulation_dtype(activation_factor.dtype, gradient_factor.dtype)
+    mean_a = activation_factor.to(dtype).diagonal(dim1=-2, dim2=-1).mean(-1)
+    mean_g = gradient_factor.to(dtype).diagonal(dim1=-2, dim2=-1).mean(-1)
+    return torch.sqrt(mean_a.clamp_min(eps) / mean_g.clamp_min(eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Newton–Schulz inverse
+# ----------------------------------------------------------------------------------------------
+
+
+def _scaled_identity(matrix: Tensor) -> Tensor:
+    """``I / c`` with ``c = min(‖M‖_F, ‖M‖_∞) >= λ_max(M)``; the convergent NS start for SPD M.
+
+    Both norms bound the spectral radius from above (the Frobenius norm is the 2-norm of the
+    eigenvalues, ‖·‖_∞ is an induced norm), and taking the smaller one costs nothing: it is exact
+    for diagonal matrices and at most sqrt(d)·λ_max in general.
+    """
+    bound = torch.minimum(
+        torch.linalg.matrix_norm(matrix, ord="fro"),
+        torch.linalg.matrix_norm(matrix, ord=math.inf),
+    )
+    return _eye_like(matrix) / bound
+
+
+def _newton_schulz(
+    matrix: Tensor,
+    initial: Tensor | None,
+    tol: float,
+    max_iters: int,
+    max_initial_residual: float = math.inf,
+) -> tuple[Tensor, int, bool, float]:
+    """Newton–Schulz core; returns ``(X, iterations, converged, residual)``.
+
+    On failure the iterate with the smallest residual is returned, not the last one, since the
+    last one is where the iteration started to stagnate or diverge.
+    """
+    eye = _eye_like(matrix)
+    # Projecting a warm start onto the symmetric matrices can only bring it closer (in ‖·‖_F) to
+    # the symmetric M⁻¹.
+    x = _scaled_identity(matrix) if initial is None else symmetrize(initial.to(matrix.dtype))
+    inv_sqrt_d = 1.0 / math.sqrt(matrix.shape[-1])
+    best_x, best_res, previous = x, math.inf, math.inf
+    iteration = 0
+    for iteration in range(max_iters + 1):
+        error = matrix @ x - eye
+        # One host sync per iteration: the stopping rule is data dependent by nature.
+        res = float(torch.linalg.matrix_norm(error)) * inv_sqrt_d
+        if not math.isfinite(res):
+            break
+        if iteration == 0 and res >= max_initial_residual:
+            return x, 0, False, res
+        if res < best_res:
+            best_x, best_res = x, res
+        if res <= tol:
+            return x, iteration, True, res
+        # E_{k+1} = E_k² makes the residual decrease monotonically in exact arithmetic; a
+        # non-decrease means we hit the rounding floor of this dtype or the start was outside
+        # the basin (ρ(E_0) >= 1). Either way more iterations cannot help.
+        if res >= previous or iteration == max_iters:
+            break
+        previous = res
+        # X(2I − MX) written as a correction X − X·E: the update is then computed to relative
+        # accuracy even when E is tiny, instead of as the difference of two O(1) matrices.
+        # 2X − XMX is exactly symmetric for symmetric X and M. Re-symmetrising keeps the
+        # checked residual honest for the symmetric result callers get: the unsymmetrised
+        # iteration only corrects the right residual ‖MX − I‖ (1e-9 at κ = 1e8 in float64)
+        # while ‖XM − I‖, which symmetrising mixes back in, stalls near 1e-3.
+        x = symmetrize(x - x @ error)
+    return best_x, iteration, False, best_res
+
+
+def newton_schulz_inverse(
+    matrix: Tensor,
+    initial: Tensor | None = None,
+    *,
+    tol: float = 1e-4,
+    max_iters: int = 100,
+) -> tuple[Tensor, int, bool]:
+    """Inverse of an SPD matrix by the Newton–Schulz iteration ``X ← X(2I − M X)``.
+
+    Convergence. With ``E_k = I − M X_k`` one has, for *any* ``X_k``,
+    ``E_{k+1} = I − M X_k (2I − M X_k) = (I − M X_k)² = E_k²``, so ``E_k = E_0^(2^k)``: the
+    iteration converges (quadratically) iff the spectral radius ρ(E_0) < 1, and is guaranteed to
+    when ‖E_0‖ < 1 in any sub-multiplicative norm.
+
+    Default start. For SPD M with eigenvalues ``0 < λ_1 <= … <= λ_d`` take ``X_0 = I / c`` with
+    ``c = min(‖M‖_F, ‖M‖_∞)``. Both norms are >= λ_d, so ``E_0 = I − M / c`` is symmetric with
+    eigenvalues ``1 − λ_i / c ∈ [0, 1 − λ_1 / c]`` and ``‖E_0‖_2 = 1 − λ_1 / c < 1``. Because
+    ``c <= ‖M‖_F <= sqrt(d)·λ_d``, ``‖E_0‖_2 <= 1 − 1/(sqrt(d)·κ)`` (κ = λ_d/λ_1) and the
+    residual drops below ``tol`` after about ``log2(sqrt(d)·κ) + log2(ln(1/tol))`` iterations
+    (≈ 33 for d = 64, κ = 1e8, tol = 1e-4).
+
+    Stopping. The residual ``r_k = ‖M X_k − I‖_F / sqrt(d)`` (RMS singular value of E_k; 1 for
+    X = 0) is checked every iteration: stop with success once ``r_k <= tol``; stop with failure
+    when it is non-finite, fails to decrease (the rounding floor of the dtype, or a start
+    outside the basin), or after ``max_iters`` iterations. On failure the best iterate seen is
+    returned. The floor grows faster than ``κ·eps``: with ``tol = 1e-4`` float32 converges up to
+    κ ≈ 1e2–1e3 and float64 up to κ ≈ 1e6–1e7 (d <= 64).
+
+    Symmetry. ``matrix`` and ``initial`` are symmetrised, and so is every iterate: for symmetric
+    X and M the update ``2X − XMX`` is exactly symmetric, so this only removes rounding drift
+    (without it only ``‖MX − I‖`` is driven down and the symmetric part of X can be much worse).
+
+    Cost: two matmuls and one host sync per iteration. Runs in the dtype of ``matrix``.
+
+    Returns:
+        ``(X, iterations, converged)`` where ``iterations`` counts the updates performed.
+    """
+    _check_square(matrix, "matrix")
+    if initial is not None and initial.shape != matrix.shape:
+        raise ValueError(
+            f"`initial` has shape {tuple(initial.shape)}, expected {tuple(matrix.shape)}"
+        )
+    x, iterations, converged, _ = _newton_schulz(symmetrize(matrix), initial, tol, max_iters)
+    return x, iterations, converged
+
+
+# ----------------------------------------------------------------------------------------------
+# Damped inverse with a fallback ladder
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InverseResult:
+    """Outcome of :func:`damped_inverse`.
+
+    Attributes:
+        inverse: the (symmetric) inverse, float32 or float64 (see :func:`damped_inverse`).
+        residual: ``‖M X − I‖_F / sqrt(d)`` of the returned ``inverse`` in float64, M being the
+            damped matrix. It certifies the accuracy: ``‖X − M⁻¹‖_F <= sqrt(d)·residual·‖M⁻¹‖_2``.
+        method: the rung that produced ``inverse``: ``"newton_schulz"`` (first Newton–Schulz
+            attempt: from the warm start if one was given, else from the scaled identity),
+            ``"newton_schulz_restart"`` (a warm start was given but was skipped or failed),
+            ``"newton_schulz_float64"``, ``"cholesky"`` or ``"eigh"``.
+        iterations: Newton–Schulz iterations of the rung that produced ``inverse`` (0 for
+            cholesky/eigh). Iterations of failed rungs are not included.
+        ok: ``residual <= tol``.
+    """
+
+    inverse: Tensor
+    residual: float
+    method: str
+    iterations: int
+    ok: bool
+
+
+def _eigh_inverse64(factor64: Tensor, damping: float) -> Tensor:
+    """``Q diag(1 / max(λ + damping, floor)) Qᵀ`` in float64 — the rung that cannot fail.
+
+    Clamping at ``damping`` is clamping the factor's eigenvalues at 0, i.e. inverting the nearest
+    PSD factor. The extra floors keep the result finite when ``damping`` is 0 and the factor is
+    singular: ``d·eps64·λ_max`` is the level below which float64 eigenvalues are rounding noise,
+    and ``4 / finfo(float32).max`` keeps ``1 / floor`` representable after a cast to float32.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(factor64)
+    scale = float(eigenvalues.abs().max())
+    floor = max(
+        damping,
+        factor64.shape[-1] * torch.finfo(torch.float64).eps * scale,
+        4.0 / torch.finfo(torch.float32).max,
+    )
+    inverse_eigenvalues = 1.0 / torch.clamp(eigenvalues + damping, min=floor)
+    return (eigenvectors * inverse_eigenvalues) @ eigenvectors.mT
+
+
+def damped_inverse(
+    factor: Tensor,
+    damping: float | Tensor,
+    warm_start: Tensor | None = None,
+    *,
+    tol: float = 1e-4,
+    max_iters: int = 100,
+) -> InverseResult:
+    """``(F + damping·I)⁻¹`` for a symmetric PSD factor F, through a defensive ladder.
+
+    The input is symmetrised and the damped matrix ``M = sym(F) + damping·I`` is formed in
+    float64 (then rounded once to the working dtype). Rungs, each taken only when the previous
+    one fails its residual check (``‖M X − I‖_F / sqrt(d) <= tol`` measured in float64):
+
+    1. Newton–Schulz from ``warm_start`` (typically the previous inverse, which for slowly
+       moving factors converges in 1–3 iterations). Skipped when its initial residual is >= 1,
+       the residual of ``X = 0``: such a start is no better than nothing and ρ(E_0) < 1, which
+       convergence needs, is then unlikely.
+    2. Newton–Schulz from the scaled identity, guaranteed to converge in exact arithmetic for
+       SPD M (see :func:`newton_schulz_inverse`).
+    3. The same in float64, result cast back (only when the working dtype is float32: float32
+       Newton–Schulz reaches tol = 1e-4 only up to κ ≈ 1e2–1e3).
+    4. Cholesky inverse in float64 (``cholesky_ex``; a non-zero ``info`` means M is not
+       numerically positive definite).
+    5. ``eigh`` in float64 with the eigenvalues of M clamped at >= ``damping`` (i.e. the factor's
+       at >= 0): always finite, exact inverse of the nearest PSD-damped matrix.
+
+    The rung check of rungs 3–4 is made on the float64 result. For a float32 factor with
+    κ(M) ≳ 1e4·tol no float32 matrix has a residual below ``tol`` (rounding X alone leaves
+    ``MX − I`` of order κ·6e-8), so the rounded float64 inverse is returned with ``ok=False``;
+    ``residual`` is always that of the returned matrix. Float64 Newton–Schulz meets 1e-4 up to
+    κ ≈ 1e6–1e7; beyond, Cholesky takes over (after the failed NS attempts, ~30 iterations).
+
+    Args:
+        factor: symmetric PSD matrix, any real floating dtype. bf16/fp16 are upcast to float32.
+        damping: non-negative Python float or 0-d tensor.
+        warm_start: optional approximate inverse; ignored (skipped) when non-finite.
+        tol: residual tolerance.
+        max_iters: Newton–Schulz iteration cap, per rung.
+
+    Returns:
+        :class:`InverseResult` whose ``inverse`` is symmetric, finite, on ``factor.device``, in
+        float64 for float64 factors and float32 otherwise.
+
+    Raises:
+        ValueError: if ``factor`` is not square or contains NaN/Inf, if ``damping`` is negative
+            or non-finite, or if ``warm_start`` has the wrong shape.
+
+    Cost: host syncs throughout (stopping rules, residual checks). Each residual check is one
+    float64 matmul; the float64 rungs are slow on accelerators with weak float64 throughput.
+    """
+    _check_square(factor, "factor")
+    if not bool(torch.isfinite(factor).all()):
+        raise ValueError("damped_inverse: `factor` contains non-finite values (NaN or Inf)")
+    if warm_start is not None and warm_start.shape != factor.shape:
+        raise ValueError(
+            f"`warm_start` has shape {tuple(warm_start.shape)}, expected {tuple(factor.shape)}"
+        )
+    damping_value = _damping_value(damping)
+    work_dtype = _working_dtype(factor.dtype)
+
+    factor64 = symmetrize(factor.to(torch.float64))
+    matrix64 = _add_to_diagonal(factor64, damping_value)
+    matrix = matrix64.to(work_dtype)
+
+    def result(
+        inverse: Tensor, method: str, iterations: int, residual: float | None = None
+    ) -> InverseResult:
+        inverse = symmetrize(inverse).to(work_dtype)
+        if residual is None:
+            residual = _residual64(matrix64, inverse)
+        return InverseResult(inverse, residual, method, iterations, residual <= tol)
+
+    # Rung 1: warm start.
+    if warm_start is not None and bool(torch.isfinite(warm_start).all()):
+        x, iters, converged, _ = _newton_schulz(
+            matrix, warm_start, tol, max_iters, max_initial_residual=1.0
+        )
+        if converged:
+            residual = _residual64(matrix64, symmetrize(x))
+            if residual <= tol:
+                return result(x, "newton_schulz", iters, residual)
+
+    # Rung 2: scaled-identity start in the working dtype.
+    x, iters, converged, _ = _newton_schulz(matrix, None, tol, max_iters)
+    if converged:
+        residual = _residual64(matrix64, symmetrize(x))
+        if residual <= tol:
+            method = "newton_schulz" if warm_start is None else "newton_schulz_restart"
+            return result(x, method, iters, residual)
+
+    # Rung 3: the same in float64 (pointless when the working dtype already is float64).
+    if work_dtype != torch.float64:
+        x, iters, converged, _ = _newton_schulz(matrix64, None, tol, max_iters)
+        if converged and _residual64(matrix64, symmetrize(x)) <= tol:
+            return result(x, "newton_schulz_float64", iters)
+
+    # Rung 4: Cholesky in float64.
+    cholesky, info = torch.linalg.cholesky_ex(matrix64)
+    if int(info) == 0:
+        x = symmetrize(torch.cholesky_inverse(cholesky))
+        if bool(torch.isfinite(x).all()) and _residual64(matrix64, x) <= tol:
+            return result(x, "cholesky", 0)
+
+    # Rung 5: clamped eigendecomposition, always finite.
+    return result(_eigh_inverse64(factor64, damping_value), "eigh", 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eigendecomposition
+# ----------------------------------------------------------------------------------------------
+
+
+def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``torch.linalg.eigh`` that returns None instead of raising or returning NaN/Inf."""
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        return None
+    finite = torch.isfinite(eigenvalues).all() & torch.isfinite(eigenvectors).all()
+    return (eigenvalues, eigenvectors) if bool(finite) else None
+
+
+def eigh_factor(factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition ``F = Q diag(λ) Qᵀ`` of a symmetric PSD factor, ``λ`` clamped at >= 0.
+
+    The input is symmetrised first. If ``torch.linalg.eigh`` fails (``LinAlgError``, which the
+    iterative solvers raise on ill-conditioned float32 input, or non-finite output) it is retried
+    in float64 and cast back. Negative eigenvalues of a PSD factor are rounding noise, hence the
+    clamp. Half-precision inputs are upcast and the outputs are float32.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``, ascending eigenvalues, eigenvectors in the columns.
+
+    Raises:
+        ValueError: if ``factor`` is not square or the decomposition fails because ``factor``
+            contains NaN/Inf.
+        torch.linalg.LinAlgError: if even the float64 retry fails on a finite input.
+    """
+    _check_square(factor, "factor")
+    work_dtype = _working_dtype(factor.dtype)
+    matrix = symmetrize(factor.to(work_dtype))
+    decomposition = _eigh_or_none(matrix)
+    if decomposition is None and work_dtype != torch.float64:
+        retry = _eigh_or_none(matrix.to(torch.float64))
+        if retry is not None:
+            decomposition = (retry[0].to(work_dtype), retry[1].to(work_dtype))
+    if decomposition is None:
+        if not bool(torch.isfinite(factor).all()):
+            raise ValueError("eigh_factor: `factor` contains non-finite values (NaN or Inf)")
+        raise torch.linalg.LinAlgError("eigh_factor: eigh failed, also in float64")
+    eigenvalues, eigenvectors = decomposition
+    return eigenvalues.clamp_min(0.0), eigenvectors
+
+
+# ----------------------------------------------------------------------------------------------
+# Kronecker-factored solves
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_kronecker_shapes(gradient_matrix: Tensor, dim_g: int, dim_a: int) -> None:
+    if gradient_matrix.shape[-2:] != (dim_g, dim_a):
+        raise ValueError(
+            f"gradient_matrix has shape {tuple(gradient_matrix.shape)}, expected (..., {dim_g}, {dim_a})"
+        )
+
+
+def kronecker_solve_eigh(
+    gradient_matrix: Tensor,
+    gradient_eig: tuple[Tensor, Tensor],
+    activation_eig: tuple[Tensor, Tensor],
+    gradient_damping: Tensor | float,
+    activation_damping: Tensor | float,
+) -> Tensor:
+    """``(G + d_G I)⁻¹ V (A + d_A I)⁻¹`` through the eigenbases of G and A. No sync.
+
+    With ``G = Q_G diag(g) Q_Gᵀ`` and ``A = Q_A diag(a) Q_Aᵀ`` (Q orthogonal),
+    ``G + d_G I = Q_G diag(g + d_G) Q_Gᵀ``, so
+
+        ``(G + d_G I)⁻¹ V (A + d_A I)⁻¹ = Q_G [ (Q_Gᵀ V Q_A) ⊘ ((g + d_G)(a + d_A)ᵀ) ] Q_Aᵀ``
+
+    (⊘ elementwise division). This is exact for *any* damping, so the damping can change every
+    step without refactorising. In Kronecker form it is the solve of
+    ``((G + d_G I) ⊗ (A + d_A I)) vec(V)`` with row-major ``vec``.
+
+    Args:
+        gradient_matrix: ``V`` of shape ``(..., dim G, dim A)``.
+        gradient_eig: ``(g, Q_G)`` as returned by :func:`eigh_factor`.
+        activation_eig: ``(a, Q_A)`` as returned by :func:`eigh_factor`.
+        gradient_damping: ``d_G``, a float or (0-d) tensor; ``g + d_G`` must be > 0.
+        activation_damping: ``d_A``, a float or (0-d) tensor; ``a + d_A`` must be > 0.
+
+    Returns:
+        A tensor of ``V``'s shape and dtype, computed in at least float32.
+    """
+    g, q_g = gradient_eig
+    a, q_a = activation_eig
+    _check_kronecker_shapes(gradient_matrix, q_g.shape[-1], q_a.shape[-1])
+    dtype = _accumulation_dtype(gradient_matrix.dtype, q_g.dtype, q_a.dtype)
+    q_g, q_a = q_g.to(dtype), q_a.to(dtype)
+    rotated = q_g.mT @ gradient_matrix.to(dtype) @ q_a
+    scale = (g.to(dtype) + gradient_damping)[..., :, None] * (a.to(dtype) + activation_damping)[
+        ..., None, :
+    ]
+    return (q_g @ (rotated / scale) @ q_a.mT).to(gradient_matrix.dtype)
+
+
+def kronecker_solve_inverse(
+    gradient_matrix: Tensor, gradient_inverse: Tensor, activation_inverse: Tensor
+) -> Tensor:
+    """``G⁻¹ V A⁻¹`` with precomputed (already damped) inverses. No sync.
+
+    Equivalent to ``(G ⊗ A)⁻¹ vec(V)`` for row-major ``vec`` and symmetric A. ``V`` has shape
+    ``(..., dim G, dim A)``; the result has ``V``'s dtype and is computed in at least float32.
+    """
+    _check_kronecker_shapes(
+        gradient_matrix, gradient_inverse.shape[-1], activation_inverse.shape[-1]
+    )
+    dtype = _accumulation_dtype(
+        gradient_matrix.dtype, gradient_inverse.dtype, activation_inverse.dtype
+    )
+    out = gradient_inverse.to(dtype) @ gradient_matrix.to(dtype) @ activation_inverse.to(dtype)
+    return out.to(gradient_matrix.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# First-order shifted inverse
+# ----------------------------------------------------------------------------------------------
+
+
+def shifted_inverse_first_order(
+    inverse: Tensor, shift: Tensor | float, vector_or_matrix: Tensor, side: str
+) -> Tensor:
+    """Apply ``(M + εI)⁻¹ ≈ X − εX²`` (``X = M⁻¹``, ``ε = shift``) to ``B``. No sync.
+
+    ``side="left"`` returns ``(X − εX²) B`` computed as ``XB − ε X (XB)``; ``side="right"``
+    returns ``B (X − εX²)`` as ``BX − ε (BX) X``. ``X²`` is never formed: two products with B
+    instead of a d³ matrix square. ``B`` may be a vector (``(d,)``) or a matrix.
+
+    Error bound (Neumann series). Let ``r = |ε|·‖X‖₂ < 1``. Since ``M + εI = M(I + εX)``,
+
+        ``(M + εI)⁻¹ = (I + εX)⁻¹ X = Σ_{k>=0} (−ε)^k X^{k+1}``,
+
+    and the first-order truncation leaves the tail ``R = Σ_{k>=2} (−ε)^k X^{k+1}``, so
+    ``‖R‖₂ <= ‖X‖₂ Σ_{k>=2} r^k = r²/(1−r)·‖X‖₂``: the relative error of the first-order
+    correction in the spectral norm is at most ``r²/(1−r)``. Summing the tail in closed form,
+    ``R = (εX)² (M + εI)⁻¹``, which gives the sharper statement relative to the exact result,
+    ``‖R B‖ <= r²·‖(M + εI)⁻¹ B‖`` (and ``‖B R‖ <= r²·‖B (M + εI)⁻¹‖``; X and ``(M + εI)⁻¹``
+    commute), with equality for B an eigenvector of X at its largest-magnitude eigenvalue when X
+    is symmetric. With ``ε = 0`` the result is exactly ``XB`` (resp. ``BX``).
+    """
+    if side == "left":
+        xb = inverse @ vector_or_matrix
+        return xb - shift * (inverse @ xb)
+    if side == "right":
+        bx = vector_or_matrix @ inverse
+        return bx - shift * (bx @ inverse)
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
