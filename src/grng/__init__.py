@@ -1,3 +1,11 @@
-"""grng: gradient-regularized natural-gradient optimizers for PyTorch."""
+"""grng: gradient-regularized natural-gradient optimizers for PyTorch.
+
+* :class:`KFAC` — Kronecker-factored natural gradient (the ρ = 0 baseline).
+* :class:`RING` — GR as adaptive damping, ``δ = −(F + (λ + ρ‖g‖²) I)⁻¹ g``.
+"""
+
+from grng.optim import KFAC, RING, CurvatureOptimizer, CurvatureOptions
 
 __version__ = "0.1.0"
+
+__all__ = ["KFAC", "RING", "CurvatureOptimizer", "CurvatureOptions", "__version__"]

@@ -1,0 +1,194 @@
+"""Hooks that capture Kronecker-factor statistics, and only when asked to.
+
+:class:`CurvatureCapture` attaches one forward hook per supported module. The
+hook does nothing unless capture is *armed* for the current step (the
+optimizer arms it for steps that refresh the factors), autograd is recording,
+and no :meth:`CurvatureCapture.paused` block is open. When it does act, it
+registers a gradient hook on the module's output that receives ``∂L/∂output``
+during the backward pass and folds the pair (input, output gradient) into
+running sums. Pairing inside one closure means a forward whose output is never
+back-propagated contributes nothing, and a layer used twice in one forward
+contributes both calls, each matched with its own gradient.
+
+Sums are kept in float32 (float64 if the parameters are float64), whatever
+dtype autocast computes the layer in.
+
+Normalisation (``G`` scaled by the number of examples so that it estimates the
+per-example Fisher of a *mean* loss)::
+
+    A = Σ a aᵀ / rows_A
+    G = (Σ ĝ ĝᵀ) · examples / uses
+
+where ``ĝ`` are the captured output gradients (of the mean loss), ``examples``
+the examples behind them summed over every backward since the last commit
+(gradient accumulation), and ``uses`` how many times the layer ran per
+forward of the model (a reused layer sees each example several times, but
+the loss still averages over it once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from grng.curvature.layers import KroneckerLayer, modules_using
+
+
+@dataclass
+class _LayerSums:
+    activation: Tensor
+    gradient: Tensor
+    activation_rows: int = 0
+    examples: int = 0
+    calls: int = 0
+
+
+@dataclass(frozen=True)
+class FactorEstimate:
+    """One step's estimate of a layer's two Kronecker factors."""
+
+    activation_factor: Tensor
+    gradient_factor: Tensor
+    examples: float
+
+
+@dataclass
+class CurvatureCapture:
+    """Captures Kronecker-factor statistics for ``layers`` of ``model``.
+
+    Args:
+        model: the network; a forward pre-hook counts its forward passes.
+        layers: the layers to capture.
+        fisher: ``"empirical"`` to take output gradients from any backward
+            (the training loss's own), ``"mc"`` to take them only inside
+            :meth:`fisher_pass` (a backward of labels sampled from the model).
+    """
+
+    model: nn.Module
+    layers: list[KroneckerLayer]
+    fisher: str = "empirical"
+    armed: bool = False
+    _paused: int = 0
+    _in_fisher_pass: bool = False
+    _forwards: int = 0
+    _leading_examples: int = 0
+    _sums: dict[str, _LayerSums] = field(default_factory=dict)
+    _handles: list[RemovableHandle] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            for module in modules_using(self.model, layer):
+                self._handles.append(module.register_forward_hook(self._forward_hook(layer)))
+        self._handles.append(self.model.register_forward_pre_hook(self._count_forward))
+
+    def remove(self) -> None:
+        """Detach every hook from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _recording(self) -> bool:
+        return self.armed and self._paused == 0 and torch.is_grad_enabled()
+
+    def _count_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._recording():
+            return
+        self._forwards += 1
+        first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
+        if first is not None:
+            self._leading_examples += first.shape[0]
+
+    def _forward_hook(self, layer: KroneckerLayer) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self._recording() or not output.requires_grad:
+                return
+            activation = inputs[0].detach()
+
+            def on_gradient(grad_output: Tensor) -> None:
+                wanted = self._in_fisher_pass if self.fisher == "mc" else True
+                if wanted and self._paused == 0:
+                    self._accumulate(layer, module, activation, grad_output.detach())
+
+            output.register_hook(on_gradient)
+
+        return hook
+
+    def _accumulate(
+        self, layer: KroneckerLayer, module: nn.Module, activation: Tensor, grad_output: Tensor
+    ) -> None:
+        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        # The module that ran may be a tied twin of layer.module; its own geometry counts.
+        view = (
+            layer
+            if module is layer.module
+            else KroneckerLayer(layer.name, module, layer.weight, layer.bias)
+        )
+        a_rows = view.activation_rows(activation.to(dtype))
+        g_rows, examples = view.gradient_rows(grad_output.to(dtype))
+        sums = self._sums.get(layer.name)
+        if sums is None:
+            sums = _LayerSums(
+                activation=a_rows.new_zeros(a_rows.shape[1], a_rows.shape[1]),
+                gradient=g_rows.new_zeros(g_rows.shape[1], g_rows.shape[1]),
+            )
+            self._sums[layer.name] = sums
+        sums.activation.addmm_(a_rows.T, a_rows)
+        sums.gradient.addmm_(g_rows.T, g_rows)
+        sums.activation_rows += a_rows.shape[0]
+        sums.examples += examples
+        sums.calls += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No statistics are recorded inside (second-order or perturbed passes)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    @contextmanager
+    def fisher_pass(self) -> Iterator[None]:
+        """In ``fisher="mc"`` mode, output gradients are taken only inside this block."""
+        self._in_fisher_pass = True
+        try:
+            yield
+        finally:
+            self._in_fisher_pass = False
+
+    @property
+    def has_statistics(self) -> bool:
+        return bool(self._sums)
+
+    @property
+    def examples(self) -> int:
+        """Examples behind the captured statistics (for the diagonal fallback's scale)."""
+        per_layer = [s.examples / self._uses(s) for s in self._sums.values()]
+        return round(max(per_layer)) if per_layer else self._leading_examples
+
+    def _uses(self, sums: _LayerSums) -> float:
+        return max(1.0, sums.calls / max(1, self._forwards))
+
+    def estimates(self) -> dict[str, FactorEstimate]:
+        """This step's factor estimates per layer name (see the module docstring)."""
+        out = {}
+        for name, s in self._sums.items():
+            examples = s.examples / self._uses(s)
+            out[name] = FactorEstimate(
+                activation_factor=s.activation / s.activation_rows,
+                gradient_factor=s.gradient * examples,
+                examples=examples,
+            )
+        return out
+
+    def clear(self) -> None:
+        """Forget everything captured since the last clear."""
+        self._sums.clear()
+        self._forwards = 0
+        self._leading_examples = 0

@@ -1,0 +1,8 @@
+"""The GRNG optimizers and the base they share."""
+
+from grng.optim.base import CurvatureOptimizer
+from grng.optim.kfac import KFAC
+from grng.optim.options import CurvatureOptions
+from grng.optim.ring import RING
+
+__all__ = ["KFAC", "RING", "CurvatureOptimizer", "CurvatureOptions"]

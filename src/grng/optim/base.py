@@ -1,0 +1,506 @@
+"""The optimizer base every GRNG method shares.
+
+:class:`CurvatureOptimizer` is a ``torch.optim.Optimizer`` built from a model. It
+owns the curvature capture (:mod:`grng.curvature`), decides on which steps the
+hooks record, and runs one step as::
+
+    g      = gradients of the trainable parameters            (p.grad)
+    d      = search gradient (g, or ∇L_G for RENG)            _search_gradients
+    ok     = every gradient and captured statistic is finite  (device tensor, no sync)
+    curvature ← update from this step's statistics, if any    _update_curvature
+    Δ      = preconditioned d per Kronecker layer             _precondition_layer
+             and d / (v + γ) for every other parameter        (diagonal fallback)
+    ν      = min(1, sqrt(κ / Σ lr² ⟨Δ, d⟩))                   KL clip
+    b      ← μ b + ν Δ                                        momentum
+    θ      ← θ (1 − lr·wd) − lr b                             decoupled weight decay
+
+with every state change masked by ``ok``, so a non-finite step changes nothing
+without a host synchronisation. Subclasses supply the curvature: how it is
+updated from statistics, refreshed, and applied to one layer's gradient matrix.
+
+State layout (all of it travels in ``state_dict``):
+
+* ``state[param]`` holds per-parameter buffers (``momentum_buffer``);
+* ``state["layer:<module name>"]`` holds a Kronecker layer's curvature;
+* ``state["diagonal:<param name>"]`` holds a fallback parameter's ``fisher_diagonal``;
+* ``state["counters"]`` holds ``step`` and ``nonfinite_steps``.
+
+Curvature entries are keyed by name rather than by parameter because
+``torch.optim`` casts parameter-keyed state to the parameter's dtype on load,
+and curvature is kept in float32 even for half-precision models.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from grng.curvature import CurvatureCapture, FactorEstimate, KroneckerLayer, find_kronecker_layers
+from grng.curvature.fisher import Likelihood, sampled_nll
+from grng.optim.options import CurvatureOptions, check_group_hyperparameters
+
+Closure = Callable[[], Tensor]
+
+
+def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    seen: set[nn.Parameter] = set()
+    params = []
+    for p in model.parameters():
+        if p.requires_grad and p not in seen:
+            seen.add(p)
+            params.append(p)
+    return params
+
+
+class CurvatureOptimizer(Optimizer):
+    """Shared machinery of KFAC, RING, RENG and R-Kalman (see the module docstring).
+
+    Args:
+        model: the network. Its trainable parameters form the first parameter
+            group; Linear, Conv1d and Conv2d weights get Kronecker curvature and
+            every other trainable parameter the diagonal fallback.
+        defaults: per-group hyperparameters (``lr``, ``damping``, ``momentum``,
+            ``weight_decay`` and any the subclass adds).
+        options: the curvature options.
+    """
+
+    #: Whether the damping depends on the step's gradient (RING); used to know when
+    #: a Newton–Schulz inverse at a reference damping can be shifted.
+    adaptive_damping: bool = False
+
+    def __init__(self, model: nn.Module, defaults: dict[str, Any], options: CurvatureOptions):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_group_hyperparameters(defaults)
+        params = _trainable_parameters(model)
+        if not params:
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        super().__init__(params, defaults)
+        self.model = model
+        self.options = options
+        self.layers: list[KroneckerLayer] = find_kronecker_layers(model, set(params))
+        self._layer_of: dict[nn.Parameter, KroneckerLayer] = {
+            p: layer for layer in self.layers for p in layer.params
+        }
+        self._param_names = {p: n for n, p in model.named_parameters()}
+        self.capture = CurvatureCapture(model, self.layers, options.fisher)
+        self.capture.armed = True
+        self._fisher_generator: torch.Generator | None = None
+        self._warned_nonfinite = 0
+        self.state["counters"] = {
+            "step": 0,
+            "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=params[0].device),
+        }
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As in torch.optim; parameters added here get the diagonal fallback."""
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        if self.defaults:  # during Optimizer.__init__ the defaults were checked already
+            check_group_hyperparameters(merged)
+        super().add_param_group(param_group)
+
+    # -------------------------------------------------------------- properties
+    @property
+    def counters(self) -> dict[str, Any]:
+        return self.state["counters"]  # type: ignore[no-any-return]
+
+    @property
+    def steps_taken(self) -> int:
+        """Completed calls of :meth:`step` (skipped non-finite steps included)."""
+        return int(self.counters["step"])
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped because of non-finite values (reading it synchronises)."""
+        return int(self.counters["nonfinite_steps"])
+
+    def is_capture_step(self, step: int | None = None) -> bool:
+        """Whether the statistics of ``step`` (default: the coming one) are captured."""
+        step = self.steps_taken if step is None else step
+        return step % self.options.factor_update_freq == 0
+
+    def is_refresh_step(self, step: int | None = None) -> bool:
+        step = self.steps_taken if step is None else step
+        return step % self.options.inverse_update_freq == 0
+
+    # ---------------------------------------------------------------- MC Fisher
+    def backward_fisher(self, outputs: Tensor, likelihood: Likelihood = "categorical") -> None:
+        """Feed the gradient factors from labels sampled from the model (``fisher="mc"``).
+
+        Call it after the forward pass and before ``loss.backward()``::
+
+            logits = model(x)
+            optimizer.backward_fisher(logits)
+            F.cross_entropy(logits, y).backward()
+            optimizer.step()
+
+        It samples ``y ~ p(y|x)`` (see :func:`grng.curvature.sampled_nll`) and
+        back-propagates that loss to the Kronecker layers only (``.grad`` is not
+        touched). It is free on steps that do not capture statistics.
+        """
+        if self.options.fisher != "mc":
+            raise RuntimeError(
+                "backward_fisher needs fisher='mc'; this optimizer uses the empirical Fisher"
+            )
+        if not self.is_capture_step() or not self.layers:
+            return
+        if self._fisher_generator is None or self._fisher_generator.device != outputs.device:
+            self._fisher_generator = torch.Generator(device=outputs.device)
+            self._fisher_generator.manual_seed(int(self.counters.get("fisher_seed", 0)))
+        with torch.enable_grad(), self.capture.fisher_pass():
+            loss = sampled_nll(outputs, likelihood, self._fisher_generator)
+            weights = [layer.weight for layer in self.layers]
+            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+
+    # --------------------------------------------------------------- the step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As in torch.optim; also forgets statistics captured for the discarded gradients."""
+        super().zero_grad(set_to_none)
+        self.capture.clear()
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
+        """One optimization step (see the module docstring).
+
+        Args:
+            closure: optional, re-evaluates the model and returns the loss, as in
+                torch.optim; it runs with gradients enabled.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = {p: p.grad for g in self.param_groups for p in g["params"] if p.grad is not None}
+        if not grads:
+            self.capture.clear()
+            return loss
+        for p, g in grads.items():
+            if g.is_sparse:
+                raise RuntimeError(f"{self._name(p)} has a sparse gradient, which is not supported")
+        search = self._search_gradients(grads, closure)
+        step = self.steps_taken
+        capturing = self.is_capture_step(step)
+        estimates = self.capture.estimates() if capturing else {}
+        examples = self.capture.examples if capturing else 0
+        self.capture.clear()
+
+        grad_sq = {p: g.detach().float().pow(2).sum() for p, g in grads.items()}
+        finite = self._all_finite(grad_sq, search, estimates)
+        if self.options.nonfinite == "raise" and not bool(finite):
+            raise FloatingPointError(
+                f"non-finite gradient or curvature statistic at step {step}; nothing was changed"
+            )
+        total_grad_sq = torch.stack(list(grad_sq.values())).sum()
+
+        if capturing:
+            self._update_diagonal(grads, examples, finite)
+            self._update_curvature(estimates, finite)
+        if self._refresh_due(step):
+            self._refresh_curvature(grad_sq, total_grad_sq, finite)
+
+        directions = self._precondition(search, grad_sq, total_grad_sq)
+        scale = self._kl_clip_scale(directions, search)
+        self._apply(directions, scale, finite)
+
+        self.counters["step"] = step + 1
+        self.counters["nonfinite_steps"] += (~finite).to(torch.int64)
+        self._warn_if_skipped(finite)
+        self.capture.armed = self.is_capture_step(step + 1)
+        return loss
+
+    def _name(self, p: Tensor) -> str:
+        return self._param_names.get(p, f"parameter of shape {tuple(p.shape)}")  # type: ignore[arg-type]
+
+    def _all_finite(
+        self,
+        grad_sq: dict[nn.Parameter, Tensor],
+        search: dict[nn.Parameter, Tensor],
+        estimates: dict[str, FactorEstimate],
+    ) -> Tensor:
+        checks = list(grad_sq.values())
+        if search is not None:
+            checks += [
+                d.detach().float().pow(2).sum() for p, d in search.items() if d is not p.grad
+            ]
+        for e in estimates.values():
+            checks += [e.activation_factor.diagonal().sum(), e.gradient_factor.diagonal().sum()]
+        return torch.isfinite(torch.stack(checks).sum())
+
+    def _warn_if_skipped(self, finite: Tensor) -> None:
+        # Reading the counter synchronises; on CPU that is free, elsewhere wait for
+        # a refresh step, which synchronises anyway.
+        if finite.device.type != "cpu" and not self.is_refresh_step():
+            return
+        skipped = self.nonfinite_steps
+        if skipped > self._warned_nonfinite:
+            if self._warned_nonfinite == 0:
+                warnings.warn(
+                    f"{type(self).__name__}: skipped a step with non-finite gradients or curvature "
+                    "statistics (parameters, curvature and momentum left unchanged); "
+                    "see optimizer.nonfinite_steps. Warning once.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self._warned_nonfinite = skipped
+
+    # ----------------------------------------------------- hooks for subclasses
+    def _search_gradients(
+        self, grads: dict[nn.Parameter, Tensor], closure: Closure | None
+    ) -> dict[nn.Parameter, Tensor]:
+        """The gradient to precondition; the plain gradient by default."""
+        return grads
+
+    def _update_curvature(self, estimates: dict[str, FactorEstimate], finite: Tensor) -> None:
+        """Fold this step's factor estimates into the curvature state."""
+        raise NotImplementedError
+
+    def _refresh_due(self, step: int) -> bool:
+        """Whether the lazily refreshed part of the curvature is recomputed now."""
+        return False
+
+    def _refresh_curvature(
+        self, grad_sq: dict[nn.Parameter, Tensor], total_grad_sq: Tensor, finite: Tensor
+    ) -> None:
+        """Recompute the lazily refreshed part of the curvature (inverses, eigenbases)."""
+
+    def _precondition_layer(
+        self, layer: KroneckerLayer, gradient_matrix: Tensor, damping: Tensor
+    ) -> Tensor:
+        """Apply the layer's curvature to its gradient matrix ``V`` (float32 or float64)."""
+        raise NotImplementedError
+
+    def damping(
+        self, group: dict[str, Any], block_grad_sq: Tensor, total_grad_sq: Tensor
+    ) -> Tensor:
+        """The damping γ of one block (a Kronecker layer or a fallback parameter).
+
+        The base damping ``λ = group["damping"]``; RING adds ``ρ‖g‖²``.
+        """
+        return torch.as_tensor(
+            group["damping"], dtype=total_grad_sq.dtype, device=total_grad_sq.device
+        )
+
+    # ------------------------------------------------------------- machinery
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError(self._name(p))
+
+    def _layer_state(self, layer: KroneckerLayer) -> dict[str, Any]:
+        return self.state[f"layer:{layer.name}"]  # type: ignore[no-any-return]
+
+    def _diagonal_state(self, p: Tensor) -> dict[str, Any]:
+        return self.state[f"diagonal:{self._name(p)}"]  # type: ignore[no-any-return]
+
+    def _layer_damping(
+        self, layer: KroneckerLayer, grad_sq: dict[nn.Parameter, Tensor], total_grad_sq: Tensor
+    ) -> Tensor:
+        block_sq = torch.stack([grad_sq[p] for p in layer.params if p in grad_sq]).sum()
+        return self.damping(self._group_of(layer.weight), block_sq, total_grad_sq)
+
+    def _fallback_params(self, grads: Iterable[Tensor]) -> list[Tensor]:
+        return [p for p in grads if p not in self._layer_of]
+
+    def _update_diagonal(
+        self, grads: dict[nn.Parameter, Tensor], examples: int, finite: Tensor
+    ) -> None:
+        """Diagonal Fisher of fallback parameters: ``v ← β v + (1 − β) n g²``.
+
+        ``g`` is the minibatch-mean gradient and ``n`` the examples behind it, so
+        ``n g²`` estimates the per-example second moment that the Kronecker
+        factors also estimate (exactly so when the mean gradient is small
+        against its noise).
+        """
+        beta = self.options.factor_decay
+        n = max(1, examples)
+        for p in self._fallback_params(grads):
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            estimate = grads[p].detach().to(dtype).pow(2).mul_(n)
+            running_average(self._diagonal_state(p), "fisher_diagonal", estimate, beta, finite)
+
+    def _precondition(
+        self,
+        search: dict[nn.Parameter, Tensor],
+        grad_sq: dict[nn.Parameter, Tensor],
+        total_grad_sq: Tensor,
+    ) -> dict[nn.Parameter, Tensor]:
+        directions: dict[nn.Parameter, Tensor] = {}
+        for layer in self.layers:
+            if not any(p in search for p in layer.params):
+                continue
+            gamma = self._layer_damping(layer, grad_sq, total_grad_sq)
+            weight_grad = search.get(layer.weight, torch.zeros_like(layer.weight))
+            bias_grad = search.get(layer.bias) if layer.bias is not None else None
+            dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+            matrix = layer.gradient_matrix(
+                weight_grad.to(dtype), None if bias_grad is None else bias_grad.to(dtype)
+            )
+            update = self._precondition_layer(layer, matrix, gamma.to(dtype))
+            weight_update, bias_update = layer.split_matrix(update)
+            directions[layer.weight] = weight_update.to(layer.weight.dtype)
+            if layer.bias is not None and bias_update is not None and layer.bias in search:
+                directions[layer.bias] = bias_update.to(layer.bias.dtype)
+        for p in self._fallback_params(search):
+            group = self._group_of(p)
+            gamma = self.damping(group, grad_sq[p], total_grad_sq)
+            fisher = self._diagonal_state(p).get("fisher_diagonal")
+            d = search[p].float() if p.dtype != torch.float64 else search[p]
+            denominator = gamma if fisher is None else fisher + gamma
+            directions[p] = (d / denominator).to(p.dtype)
+        return directions
+
+    def _kl_clip_scale(
+        self, directions: dict[nn.Parameter, Tensor], search: dict[nn.Parameter, Tensor]
+    ) -> Tensor | None:
+        """ν = min(1, sqrt(κ / Σ lr² ⟨Δ, d⟩)) (Ba et al. 2017), a device scalar."""
+        kappa = self.options.kl_clip
+        if kappa is None:
+            return None
+        terms = []
+        for group in self.param_groups:
+            lr_sq = group["lr"] ** 2
+            for p in group["params"]:
+                if p in directions:
+                    terms.append((directions[p].float() * search[p].float()).sum() * lr_sq)
+        quadratic = torch.stack(terms).sum().clamp_min(1e-30)
+        return torch.clamp(torch.sqrt(kappa / quadratic), max=1.0)
+
+    def _apply(
+        self, directions: dict[nn.Parameter, Tensor], scale: Tensor | None, finite: Tensor
+    ) -> None:
+        for group in self.param_groups:
+            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p not in directions:
+                    continue
+                update = directions[p] if scale is None else directions[p] * scale.to(p.dtype)
+                if momentum > 0:
+                    state = self.state[p]
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:
+                        buffer = torch.zeros_like(p)
+                    update = buffer * momentum + update
+                    state["momentum_buffer"] = torch.where(finite, update, buffer)
+                update = torch.where(
+                    finite, update, torch.zeros((), dtype=p.dtype, device=p.device)
+                )
+                if weight_decay != 0:
+                    p.mul_(1 - lr * weight_decay * finite.to(p.dtype))
+                p.add_(update, alpha=-lr)
+
+    # ------------------------------------------------------------ state dicts
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As in torch.optim, after checking that the state fits this model.
+
+        A state from a model of another shape raises ValueError naming the
+        mismatched layer or parameter, and this optimizer is left untouched.
+        """
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        # Name-keyed entries are loaded by reference in torch.optim; copy them so
+        # training does not write into the caller's dictionary, and move them to
+        # the parameters' device.
+        device = next(iter(self.param_groups[0]["params"])).device
+        for key in list(self.state):
+            if isinstance(key, str):
+                self.state[key] = _to_device(copy.deepcopy(self.state[key]), device)
+        self.capture.clear()
+        self.capture.armed = self.is_capture_step()
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if (
+            not isinstance(state_dict, dict)
+            or "state" not in state_dict
+            or "param_groups" not in state_dict
+        ):
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        saved_state = state_dict["state"]
+        if "counters" not in saved_state:
+            raise ValueError(f"state_dict is not from a {type(self).__name__}: it has no counters")
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(
+                f"state_dict holds {len(saved_ids)} parameters, this optimizer {len(params)}"
+            )
+        by_id = dict(zip(saved_ids, params, strict=True))
+        for key, entry in saved_state.items():
+            if key in by_id:
+                p = by_id[key]
+                for name, value in entry.items():
+                    if (
+                        isinstance(value, Tensor)
+                        and name == "momentum_buffer"
+                        and value.shape != p.shape
+                    ):
+                        raise ValueError(
+                            f"state_dict does not fit {self._name(p)}: {name} has shape "
+                            f"{tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                        )
+        layers = {f"layer:{layer.name}": layer for layer in self.layers}
+        for key, entry in saved_state.items():
+            if not isinstance(key, str) or not key.startswith("layer:"):
+                continue
+            layer = layers.get(key)
+            if layer is None:
+                raise ValueError(
+                    f"state_dict has curvature for layer {key[6:]!r}, which this model lacks"
+                )
+            expected = {"activation": layer.activation_dim, "gradient": layer.gradient_dim}
+            for name, value in entry.items():
+                side = name.split("_")[0]
+                if isinstance(value, Tensor) and side in expected and value.dim() >= 1:
+                    if value.shape[-1] != expected[side]:
+                        raise ValueError(
+                            f"state_dict does not fit layer {layer.name!r}: {name} has shape "
+                            f"{tuple(value.shape)}, expected size {expected[side]}"
+                        )
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def sqrt_damping_split(gamma: Tensor, pi: Tensor) -> tuple[Tensor, Tensor]:
+    """Factored Tikhonov damping (Martens & Grosse 2015, §6.3).
+
+    ``(G ⊗ A + γ I)⁻¹`` is approximated by ``(G + (√γ/π) I)⁻¹ ⊗ (A + π√γ I)⁻¹``;
+    returns ``(√γ/π, π√γ)``, the gradient-side and activation-side dampings.
+    """
+    root = torch.sqrt(gamma)
+    return root / pi, root * pi
+
+
+def running_average(
+    state: dict[str, Any], key: str, estimate: Tensor, beta: float, finite: Tensor
+) -> None:
+    """``state[key] ← β state[key] + (1 − β) estimate``, masked by ``finite``, no sync.
+
+    The first finite estimate replaces the empty average instead of being shrunk
+    towards zero by (1 − β); ``state[key + "_updates"]`` counts the finite
+    updates folded in.
+    """
+    count_key = f"{key}_updates"
+    old = state.get(key)
+    count = state.get(count_key)
+    if old is None or count is None:
+        old = torch.zeros_like(estimate)
+        count = torch.zeros((), dtype=torch.int64, device=estimate.device)
+    blended = torch.where(count > 0, old * beta + estimate * (1 - beta), estimate)
+    state[key] = torch.where(finite, blended, old)
+    state[count_key] = count + finite.to(torch.int64)
+
+
+__all__ = ["Closure", "CurvatureOptimizer", "running_average", "sqrt_damping_split"]

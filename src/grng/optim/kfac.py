@@ -1,0 +1,208 @@
+"""K-FAC: Kronecker-factored natural gradient with lazily refreshed inverses.
+
+Per Kronecker layer with running factors ``A`` (activations) and ``G`` (output
+gradients), gradient matrix ``V`` and damping ``γ``::
+
+    Δ = (G + (√γ/π) I)⁻¹ V (A + π√γ I)⁻¹,    π = sqrt((tr A / dim A) / (tr G / dim G))
+
+The factors are running averages updated every ``factor_update_freq`` steps;
+what is expensive (eigenbases or inverses) is recomputed every
+``inverse_update_freq`` steps:
+
+* ``inverse="eigh"`` stores the eigenbases of ``A`` and ``G``; any damping is then
+  applied exactly on every step (:func:`grng.linalg.kronecker_solve_eigh`).
+* ``inverse="newton_schulz"`` stores the damped inverses at the damping of the
+  refresh step, warm-started from the previous ones. A later step whose damping
+  differs by ``ε`` uses the first-order correction ``(M + εI)⁻¹ ≈ X − εX²``
+  while ``|ε|·‖X‖ ≤ |ε|/c_ref ≤ 1/2`` (relative error ≤ r²/(1−r) ≤ 1/2·r); a
+  larger shift re-inverts that layer at once. With constant damping (K-FAC)
+  the shift is always zero.
+
+RING (:class:`grng.RING`) is this optimizer with the damping ``λ + ρ‖g‖²``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grng.curvature import FactorEstimate, KroneckerLayer
+from grng.linalg import (
+    damped_inverse,
+    eigh_factor,
+    kronecker_solve_eigh,
+    kronecker_solve_inverse,
+    pi_correction,
+    shifted_inverse_first_order,
+    symmetrize,
+)
+from grng.optim.base import CurvatureOptimizer, running_average, sqrt_damping_split
+from grng.optim.options import CurvatureOptions, FisherType, InverseMethod, NonfinitePolicy
+
+#: Largest relative damping shift |ε|/c_ref served by the first-order correction.
+MAX_RELATIVE_SHIFT = 0.5
+
+
+class KFAC(CurvatureOptimizer):
+    """K-FAC (Martens & Grosse 2015) as a ``torch.optim.Optimizer``.
+
+    Args:
+        model: the network to optimize (all its trainable parameters).
+        lr: learning rate η.
+        damping: Tikhonov damping λ (> 0).
+        momentum: heavy-ball momentum μ on the preconditioned direction.
+        weight_decay: decoupled weight decay (AdamW-style).
+        factor_update_freq, inverse_update_freq, factor_decay, fisher, inverse,
+        kl_clip, nonfinite, inverse_tol: see :class:`grng.optim.CurvatureOptions`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.05,
+        damping: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        factor_update_freq: int = 10,
+        inverse_update_freq: int = 50,
+        factor_decay: float = 0.95,
+        fisher: FisherType = "empirical",
+        inverse: InverseMethod = "newton_schulz",
+        kl_clip: float | None = 1e-3,
+        nonfinite: NonfinitePolicy = "skip",
+        inverse_tol: float = 1e-4,
+        **extra_defaults: Any,
+    ) -> None:
+        options = CurvatureOptions(
+            factor_update_freq=factor_update_freq,
+            inverse_update_freq=inverse_update_freq,
+            factor_decay=factor_decay,
+            fisher=fisher,
+            inverse=inverse,
+            kl_clip=kl_clip,
+            nonfinite=nonfinite,
+            inverse_tol=inverse_tol,
+        )
+        defaults = dict(
+            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, **extra_defaults
+        )
+        super().__init__(model, defaults, options)
+
+    # ------------------------------------------------------------- factors
+    def _update_curvature(self, estimates: dict[str, FactorEstimate], finite: Tensor) -> None:
+        beta = self.options.factor_decay
+        for layer in self.layers:
+            estimate = estimates.get(layer.name)
+            if estimate is None:
+                continue
+            state = self._layer_state(layer)
+            running_average(
+                state, "activation_factor", symmetrize(estimate.activation_factor), beta, finite
+            )
+            running_average(
+                state, "gradient_factor", symmetrize(estimate.gradient_factor), beta, finite
+            )
+
+    # ------------------------------------------------------------- refresh
+    def _refresh_due(self, step: int) -> bool:
+        if self.is_refresh_step(step) or self.counters.get("refresh_pending", False):
+            return True
+        # A layer whose factors appeared after the last refresh (unused until now).
+        return any(
+            "activation_factor" in state and "pi" not in state
+            for state in map(self._layer_state, self.layers)
+        )
+
+    def _refresh_curvature(
+        self, grad_sq: dict[nn.Parameter, Tensor], total_grad_sq: Tensor, finite: Tensor
+    ) -> None:
+        # Refreshing from a step with non-finite gradients would bake a NaN damping
+        # into Newton–Schulz inverses; postpone to the next step instead (refresh
+        # steps synchronise anyway).
+        if not bool(finite):
+            self.counters["refresh_pending"] = True
+            return
+        self.counters["refresh_pending"] = False
+        for layer in self.layers:
+            state = self._layer_state(layer)
+            if "activation_factor" not in state or not bool(state["activation_factor_updates"] > 0):
+                continue
+            activation_factor, gradient_factor = (
+                state["activation_factor"],
+                state["gradient_factor"],
+            )
+            state["pi"] = pi_correction(activation_factor, gradient_factor)
+            if self.options.inverse == "eigh":
+                state["activation_eigenvalues"], state["activation_eigenvectors"] = eigh_factor(
+                    activation_factor
+                )
+                state["gradient_eigenvalues"], state["gradient_eigenvectors"] = eigh_factor(
+                    gradient_factor
+                )
+            elif any(p in grad_sq for p in layer.params):
+                self._invert(layer, self._layer_damping(layer, grad_sq, total_grad_sq))
+
+    def _invert(self, layer: KroneckerLayer, gamma: Tensor) -> None:
+        """Newton–Schulz inverses of both damped factors at damping γ, warm-started."""
+        state = self._layer_state(layer)
+        gradient_damping, activation_damping = sqrt_damping_split(gamma, state["pi"])
+        for side, damping in (("activation", activation_damping), ("gradient", gradient_damping)):
+            result = damped_inverse(
+                state[f"{side}_factor"],
+                damping,
+                warm_start=state.get(f"{side}_inverse"),
+                tol=self.options.inverse_tol,
+            )
+            state[f"{side}_inverse"] = result.inverse
+            state[f"{side}_damping"] = damping.detach().clone()
+            state[f"{side}_inverse_method"] = result.method
+
+    # -------------------------------------------------------- precondition
+    def _precondition_layer(
+        self, layer: KroneckerLayer, gradient_matrix: Tensor, damping: Tensor
+    ) -> Tensor:
+        state = self._layer_state(layer)
+        if "pi" not in state:
+            # No curvature yet: the damped preconditioner of zero factors.
+            return gradient_matrix / damping
+        gradient_damping, activation_damping = sqrt_damping_split(damping, state["pi"])
+        if self.options.inverse == "eigh":
+            return kronecker_solve_eigh(
+                gradient_matrix,
+                (state["gradient_eigenvalues"], state["gradient_eigenvectors"]),
+                (state["activation_eigenvalues"], state["activation_eigenvectors"]),
+                gradient_damping,
+                activation_damping,
+            )
+        if "activation_inverse" not in state:
+            self._invert(layer, damping)
+        if not self.adaptive_damping:
+            # Constant damping: the stored inverses are exact, two matmuls suffice.
+            return kronecker_solve_inverse(
+                gradient_matrix, state["gradient_inverse"], state["activation_inverse"]
+            )
+        shift = torch.stack(
+            [
+                (gradient_damping - state["gradient_damping"]).abs() / state["gradient_damping"],
+                (activation_damping - state["activation_damping"]).abs()
+                / state["activation_damping"],
+            ]
+        ).max()
+        if bool(shift > MAX_RELATIVE_SHIFT):
+            # Outside the first-order correction's accuracy: re-invert (warm-started).
+            self._invert(layer, damping)
+        left = shifted_inverse_first_order(
+            state["gradient_inverse"],
+            gradient_damping - state["gradient_damping"],
+            gradient_matrix,
+            "left",
+        )
+        return shifted_inverse_first_order(
+            state["activation_inverse"],
+            activation_damping - state["activation_damping"],
+            left,
+            "right",
+        )

@@ -1,0 +1,110 @@
+"""Typed options shared by every curvature optimizer, and the checks on them.
+
+Per-group hyperparameters (``lr``, ``damping``, ``momentum``, ...) live in
+``param_groups`` as in ``torch.optim``, so schedulers can change them; the
+options here configure the curvature machinery and are fixed for an
+optimizer's life.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, Literal
+
+FisherType = Literal["empirical", "mc"]
+InverseMethod = Literal["eigh", "newton_schulz"]
+NonfinitePolicy = Literal["skip", "raise"]
+GradNormScope = Literal["global", "layer"]
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float = 0.0,
+    low_open: bool = False,
+    high: float = math.inf,
+    high_open: bool = True,
+) -> float:
+    """``value`` as a float, or a ValueError/TypeError naming ``name`` and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    x = float(value)
+    below = x <= low if low_open else x < low
+    above = x >= high if high_open else x > high
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if below or above:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+    return x
+
+
+def check_int(name: str, value: Any, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class CurvatureOptions:
+    """How curvature is captured, refreshed and applied.
+
+    Attributes:
+        factor_update_freq: capture statistics and update the factors every this
+            many steps; the hooks do no work on the other steps.
+        inverse_update_freq: recompute eigenbases / inverses every this many steps
+            (the "lazy Fisher"); also the period of the health checks that need
+            a host synchronisation.
+        factor_decay: β of the running averages ``F ← β F + (1 − β) F_batch``.
+        fisher: ``"empirical"`` (output gradients of the training loss) or
+            ``"mc"`` (of labels sampled from the model, see
+            :meth:`CurvatureOptimizer.backward_fisher`).
+        inverse: ``"eigh"`` (eigenbases; any damping applied exactly) or
+            ``"newton_schulz"`` (warm-started damped inverses).
+        kl_clip: the KL-clip bound κ (Ba et al. 2017); ``None`` disables it.
+        nonfinite: ``"skip"`` a step with non-finite gradients or statistics
+            (nothing changes, a counter increments), or ``"raise"``.
+        inverse_tol: residual tolerance ``‖MX − I‖_F/√d`` of Newton–Schulz inverses.
+    """
+
+    factor_update_freq: int = 10
+    inverse_update_freq: int = 50
+    factor_decay: float = 0.95
+    fisher: FisherType = "empirical"
+    inverse: InverseMethod = "eigh"
+    kl_clip: float | None = 1e-3
+    nonfinite: NonfinitePolicy = "skip"
+    inverse_tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check_int("factor_update_freq", self.factor_update_freq)
+        check_int("inverse_update_freq", self.inverse_update_freq)
+        check_real("factor_decay", self.factor_decay, low=0.0, high=1.0)
+        check_choice("fisher", self.fisher, ("empirical", "mc"))
+        check_choice("inverse", self.inverse, ("eigh", "newton_schulz"))
+        if self.kl_clip is not None:
+            check_real("kl_clip", self.kl_clip, low=0.0, low_open=True)
+        check_choice("nonfinite", self.nonfinite, ("skip", "raise"))
+        check_real("inverse_tol", self.inverse_tol, low=0.0, low_open=True)
+
+
+def check_group_hyperparameters(group: dict[str, Any]) -> None:
+    """Validate the per-group hyperparameters every curvature optimizer shares."""
+    check_real("lr", group["lr"])
+    check_real("damping", group["damping"], low=0.0, low_open=True)
+    check_real("momentum", group["momentum"], low=0.0, high=1.0)
+    check_real("weight_decay", group["weight_decay"])
+    if "rho" in group:
+        check_real("rho", group["rho"])
