@@ -48,6 +48,11 @@ from grng.optim.options import CurvatureOptions, check_group_hyperparameters
 Closure = Callable[[], Tensor]
 
 
+def statistics_dtype(t: Tensor) -> torch.dtype:
+    """Curvature and norms are computed in float32, or float64 for float64 tensors."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     seen: set[nn.Parameter] = set()
     params = []
@@ -191,7 +196,7 @@ class CurvatureOptimizer(Optimizer):
         examples = self.capture.examples if capturing else 0
         self.capture.clear()
 
-        grad_sq = {p: g.detach().float().pow(2).sum() for p, g in grads.items()}
+        grad_sq = {p: g.detach().to(statistics_dtype(g)).pow(2).sum() for p, g in grads.items()}
         finite = self._all_finite(grad_sq, search, estimates)
         if self.options.nonfinite == "raise" and not bool(finite):
             raise FloatingPointError(
@@ -227,7 +232,9 @@ class CurvatureOptimizer(Optimizer):
         checks = list(grad_sq.values())
         if search is not None:
             checks += [
-                d.detach().float().pow(2).sum() for p, d in search.items() if d is not p.grad
+                d.detach().to(statistics_dtype(d)).pow(2).sum()
+                for p, d in search.items()
+                if d is not p.grad
             ]
         for e in estimates.values():
             checks += [e.activation_factor.diagonal().sum(), e.gradient_factor.diagonal().sum()]
@@ -322,8 +329,7 @@ class CurvatureOptimizer(Optimizer):
         beta = self.options.factor_decay
         n = max(1, examples)
         for p in self._fallback_params(grads):
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            estimate = grads[p].detach().to(dtype).pow(2).mul_(n)
+            estimate = grads[p].detach().to(statistics_dtype(p)).pow(2).mul_(n)
             running_average(self._diagonal_state(p), "fisher_diagonal", estimate, beta, finite)
 
     def _precondition(
@@ -339,7 +345,7 @@ class CurvatureOptimizer(Optimizer):
             gamma = self._layer_damping(layer, grad_sq, total_grad_sq)
             weight_grad = search.get(layer.weight, torch.zeros_like(layer.weight))
             bias_grad = search.get(layer.bias) if layer.bias is not None else None
-            dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+            dtype = statistics_dtype(layer.weight)
             matrix = layer.gradient_matrix(
                 weight_grad.to(dtype), None if bias_grad is None else bias_grad.to(dtype)
             )
@@ -352,7 +358,7 @@ class CurvatureOptimizer(Optimizer):
             group = self._group_of(p)
             gamma = self.damping(group, grad_sq[p], total_grad_sq)
             fisher = self._diagonal_state(p).get("fisher_diagonal")
-            d = search[p].float() if p.dtype != torch.float64 else search[p]
+            d = search[p].to(statistics_dtype(p))
             denominator = gamma if fisher is None else fisher + gamma
             directions[p] = (d / denominator).to(p.dtype)
         return directions
@@ -369,7 +375,8 @@ class CurvatureOptimizer(Optimizer):
             lr_sq = group["lr"] ** 2
             for p in group["params"]:
                 if p in directions:
-                    terms.append((directions[p].float() * search[p].float()).sum() * lr_sq)
+                    dtype = statistics_dtype(p)
+                    terms.append((directions[p].to(dtype) * search[p].to(dtype)).sum() * lr_sq)
         quadratic = torch.stack(terms).sum().clamp_min(1e-30)
         return torch.clamp(torch.sqrt(kappa / quadratic), max=1.0)
 
