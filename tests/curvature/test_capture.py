@@ -30,8 +30,10 @@ def _per_example_output_grads(model, layer_module, x, y, loss):
     """∂ℓ_i/∂(layer output of example i), by a separate backward per example."""
     grads = []
     for i in range(x.shape[0]):
-        store = {}
-        handle = layer_module.register_forward_hook(lambda m, a, o: store.setdefault("out", o))
+        store: dict = {}
+        handle = layer_module.register_forward_hook(
+            lambda m, a, o, store=store: store.setdefault("out", o)
+        )
         out = model(x[i : i + 1])
         handle.remove()
         (g,) = torch.autograd.grad(loss(out, y[i : i + 1]), store["out"])
@@ -76,7 +78,7 @@ def test_linear_on_sequences_treats_every_position_as_an_example():
 
 def _conv_patches_by_loops(x, weight_shape, stride, padding, dilation):
     """Patches of a Conv1d input by explicit indexing (independent of F.unfold)."""
-    n, c, length = x.shape
+    n, _c, length = x.shape
     k = weight_shape[-1]
     xp = F.pad(x, (padding, padding))
     out_len = (length + 2 * padding - dilation * (k - 1) - 1) // stride + 1
@@ -111,19 +113,20 @@ def test_conv1d_factors_follow_kfc():
 
 
 @pytest.mark.parametrize(
-    "conv",
+    "make_conv",
     [
-        nn.Conv2d(2, 3, kernel_size=(3, 2), stride=(1, 2), padding=1),
-        nn.Conv2d(2, 3, kernel_size=3, padding="same", padding_mode="reflect", bias=False),
-        nn.Conv2d(2, 3, kernel_size=3, dilation=2, padding=2, padding_mode="circular"),
-        nn.Conv1d(2, 3, kernel_size=4, padding="same", padding_mode="replicate"),
+        lambda: nn.Conv2d(2, 3, kernel_size=(3, 2), stride=(1, 2), padding=1),
+        lambda: nn.Conv2d(2, 3, kernel_size=3, padding="same", padding_mode="reflect", bias=False),
+        lambda: nn.Conv2d(2, 3, kernel_size=3, dilation=2, padding=2, padding_mode="circular"),
+        lambda: nn.Conv1d(2, 3, kernel_size=4, padding="same", padding_mode="replicate"),
     ],
 )
-def test_conv_rows_reproduce_the_weight_gradient(conv):
+def test_conv_rows_reproduce_the_weight_gradient(make_conv):
     """Σ_rows g aᵀ from the captured geometry equals autograd's weight gradient."""
     from grng.curvature.layers import KroneckerLayer
 
     torch.manual_seed(3)
+    conv = make_conv()
     shape = (3, 2, 7, 6) if isinstance(conv, nn.Conv2d) else (3, 2, 9)
     x = torch.randn(*shape)
     out = conv(x)

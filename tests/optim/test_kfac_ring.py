@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -80,7 +81,12 @@ def test_first_step_equals_dense_factored_tikhonov_solve(cls, inverse):
         pi = pi_correction(A, G)
         V = torch.cat([w_grad, b_grad[:, None]], 1)
         eye_a, eye_g = torch.eye(A.shape[0]), torch.eye(G.shape[0])
-        delta = torch.linalg.solve(G + gamma.sqrt() / pi * eye_g if torch.is_tensor(gamma) else G + gamma**0.5 / pi * eye_g, V)
+        delta = torch.linalg.solve(
+            G + gamma.sqrt() / pi * eye_g
+            if torch.is_tensor(gamma)
+            else G + gamma**0.5 / pi * eye_g,
+            V,
+        )
         delta = torch.linalg.solve(A + pi * gamma**0.5 * eye_a, delta.T).T
         new_w, new_b = list(model.parameters())[2 * layer : 2 * layer + 2]
         torch.testing.assert_close(w_old - new_w.detach(), delta[:, :-1], rtol=1e-8, atol=1e-10)
@@ -91,8 +97,23 @@ def test_first_step_equals_dense_factored_tikhonov_solve(cls, inverse):
 def test_ring_with_rho_zero_is_kfac(inverse):
     x, y = _data(n=32)
     models = [_net(), _net()]
-    kfac = grng.KFAC(models[0], lr=0.1, damping=0.05, inverse=inverse, factor_update_freq=2, inverse_update_freq=4)
-    ring = grng.RING(models[1], lr=0.1, rho=0.0, damping=0.05, inverse=inverse, factor_update_freq=2, inverse_update_freq=4)
+    kfac = grng.KFAC(
+        models[0],
+        lr=0.1,
+        damping=0.05,
+        inverse=inverse,
+        factor_update_freq=2,
+        inverse_update_freq=4,
+    )
+    ring = grng.RING(
+        models[1],
+        lr=0.1,
+        rho=0.0,
+        damping=0.05,
+        inverse=inverse,
+        factor_update_freq=2,
+        inverse_update_freq=4,
+    )
     for i in range(12):
         xb, yb = x[(i % 4) * 8 : (i % 4 + 1) * 8], y[(i % 4) * 8 : (i % 4 + 1) * 8]
         _step(models[0], kfac, xb, yb)
@@ -112,7 +133,7 @@ def test_larger_rho_never_lengthens_the_step(grad_norm):
         _step(model, optimizer, x, y)
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         lengths.append((after - before).norm().item())
-    assert all(a >= b for a, b in zip(lengths, lengths[1:])), lengths
+    assert all(a >= b for a, b in itertools.pairwise(lengths)), lengths
     assert lengths[-1] < 0.5 * lengths[0]  # and ρ has an effect at all
 
 
@@ -121,9 +142,13 @@ def test_newton_schulz_first_order_shift_error_is_small_and_measured():
     x, y = _data(n=64)
     exact_model, approx_model = _net(), _net()
     # Factors captured once (step 0), so the only difference is how the damping is applied.
-    common = dict(lr=0.05, rho=0.05, damping=0.05, momentum=0.0, kl_clip=None, factor_update_freq=100)
+    common = dict(
+        lr=0.05, rho=0.05, damping=0.05, momentum=0.0, kl_clip=None, factor_update_freq=100
+    )
     exact = grng.RING(exact_model, inverse="eigh", inverse_update_freq=1, **common)
-    approx = grng.RING(approx_model, inverse="newton_schulz", inverse_update_freq=10, inverse_tol=1e-12, **common)
+    approx = grng.RING(
+        approx_model, inverse="newton_schulz", inverse_update_freq=10, inverse_tol=1e-12, **common
+    )
     errors = []
     for i in range(10):
         xb, yb = x[(i % 8) * 8 : (i % 8 + 1) * 8], y[(i % 8) * 8 : (i % 8 + 1) * 8]
@@ -131,12 +156,32 @@ def test_newton_schulz_first_order_shift_error_is_small_and_measured():
         exact_model.load_state_dict(approx_model.state_dict())
         _step(approx_model, approx, xb, yb)
         # exact: same factors and damping, eigenbasis solve
-        exact.state.update({k: copy.deepcopy(v) for k, v in approx.state.items() if isinstance(k, str) and k.startswith("layer:")})
+        exact.state.update(
+            {
+                k: copy.deepcopy(v)
+                for k, v in approx.state.items()
+                if isinstance(k, str) and k.startswith("layer:")
+            }
+        )
         for key in [k for k in exact.state if isinstance(k, str) and k.startswith("layer:")]:
-            exact.state[key] = {k: v for k, v in exact.state[key].items() if not k.endswith(("inverse", "damping", "method"))}
+            exact.state[key] = {
+                k: v
+                for k, v in exact.state[key].items()
+                if not k.endswith(("inverse", "damping", "method"))
+            }
         _step(exact_model, exact, xb, yb)
-        d_approx = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, approx_model.parameters(), strict=True)])
-        d_exact = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, exact_model.parameters(), strict=True)])
+        d_approx = torch.cat(
+            [
+                (b - p.detach()).flatten()
+                for b, p in zip(before, approx_model.parameters(), strict=True)
+            ]
+        )
+        d_exact = torch.cat(
+            [
+                (b - p.detach()).flatten()
+                for b, p in zip(before, exact_model.parameters(), strict=True)
+            ]
+        )
         errors.append(((d_approx - d_exact).norm() / d_exact.norm()).item())
     assert errors[0] < 1e-8  # refresh step: exact
     # |ε|/c_ref ≤ 1/2 per factor bounds each side's relative error by 2r² ≤ 1/2; in practice:
@@ -176,7 +221,10 @@ def test_state_dict_from_another_shape_is_refused_and_changes_nothing():
         opt_big.load_state_dict(opt_small.state_dict())
     after = opt_big.state_dict()
     assert after["state"]["counters"]["step"] == before["state"]["counters"]["step"]
-    torch.testing.assert_close(after["state"]["layer:0"]["activation_factor"], before["state"]["layer:0"]["activation_factor"])
+    torch.testing.assert_close(
+        after["state"]["layer:0"]["activation_factor"],
+        before["state"]["layer:0"]["activation_factor"],
+    )
 
 
 def test_lr_scheduler_and_param_groups_work():
@@ -197,15 +245,23 @@ def test_lr_scheduler_and_param_groups_work():
 
 def test_model_without_supported_layers_trains_on_the_diagonal_fallback():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Flatten(), nn.Bilinear(8, 8, 2) if False else nn.Identity())
+    model = nn.Sequential(
+        nn.Embedding(10, 4),
+        nn.LayerNorm(4),
+        nn.Flatten(),
+        nn.Bilinear(8, 8, 2) if False else nn.Identity(),
+    )
     head = nn.Parameter(torch.randn(8, 3) * 0.1)
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.body = model
             self.head = head
+
         def forward(self, tokens):
             return self.body(tokens) @ self.head
+
     net = Net()
     optimizer = grng.RING(net, lr=0.05)
     assert optimizer.layers == []

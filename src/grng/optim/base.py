@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -98,10 +98,12 @@ class CurvatureOptimizer(Optimizer):
         self.capture.armed = True
         self._fisher_generator: torch.Generator | None = None
         self._warned_nonfinite = 0
-        self.state["counters"] = {
-            "step": 0,
-            "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=params[0].device),
-        }
+        self.named_state("counters").update(
+            {
+                "step": 0,
+                "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=params[0].device),
+            }
+        )
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -112,9 +114,16 @@ class CurvatureOptimizer(Optimizer):
         super().add_param_group(param_group)
 
     # -------------------------------------------------------------- properties
+    def named_state(self, key: str) -> dict[str, Any]:
+        """A name-keyed state entry (curvature, counters), created empty if missing."""
+        state = cast(dict[Any, Any], self.state)
+        if key not in state:
+            state[key] = {}
+        return cast(dict[str, Any], state[key])
+
     @property
     def counters(self) -> dict[str, Any]:
-        return self.state["counters"]  # type: ignore[no-any-return]
+        return self.named_state("counters")
 
     @property
     def steps_taken(self) -> int:
@@ -221,12 +230,13 @@ class CurvatureOptimizer(Optimizer):
         return loss
 
     def _name(self, p: Tensor) -> str:
-        return self._param_names.get(p, f"parameter of shape {tuple(p.shape)}")  # type: ignore[arg-type]
+        name = self._param_names.get(p)  # type: ignore[call-overload]
+        return str(name) if name is not None else f"parameter of shape {tuple(p.shape)}"
 
     def _all_finite(
         self,
-        grad_sq: dict[nn.Parameter, Tensor],
-        search: dict[nn.Parameter, Tensor],
+        grad_sq: dict[Tensor, Tensor],
+        search: dict[Tensor, Tensor],
         estimates: dict[str, FactorEstimate],
     ) -> Tensor:
         checks = list(grad_sq.values())
@@ -259,8 +269,8 @@ class CurvatureOptimizer(Optimizer):
 
     # ----------------------------------------------------- hooks for subclasses
     def _search_gradients(
-        self, grads: dict[nn.Parameter, Tensor], closure: Closure | None
-    ) -> dict[nn.Parameter, Tensor]:
+        self, grads: dict[Tensor, Tensor], closure: Closure | None
+    ) -> dict[Tensor, Tensor]:
         """The gradient to precondition; the plain gradient by default."""
         return grads
 
@@ -273,7 +283,7 @@ class CurvatureOptimizer(Optimizer):
         return False
 
     def _refresh_curvature(
-        self, grad_sq: dict[nn.Parameter, Tensor], total_grad_sq: Tensor, finite: Tensor
+        self, grad_sq: dict[Tensor, Tensor], total_grad_sq: Tensor, finite: Tensor
     ) -> None:
         """Recompute the lazily refreshed part of the curvature (inverses, eigenbases)."""
 
@@ -302,13 +312,13 @@ class CurvatureOptimizer(Optimizer):
         raise KeyError(self._name(p))
 
     def _layer_state(self, layer: KroneckerLayer) -> dict[str, Any]:
-        return self.state[f"layer:{layer.name}"]  # type: ignore[no-any-return]
+        return self.named_state(f"layer:{layer.name}")
 
     def _diagonal_state(self, p: Tensor) -> dict[str, Any]:
-        return self.state[f"diagonal:{self._name(p)}"]  # type: ignore[no-any-return]
+        return self.named_state(f"diagonal:{self._name(p)}")
 
     def _layer_damping(
-        self, layer: KroneckerLayer, grad_sq: dict[nn.Parameter, Tensor], total_grad_sq: Tensor
+        self, layer: KroneckerLayer, grad_sq: dict[Tensor, Tensor], total_grad_sq: Tensor
     ) -> Tensor:
         block_sq = torch.stack([grad_sq[p] for p in layer.params if p in grad_sq]).sum()
         return self.damping(self._group_of(layer.weight), block_sq, total_grad_sq)
@@ -316,9 +326,7 @@ class CurvatureOptimizer(Optimizer):
     def _fallback_params(self, grads: Iterable[Tensor]) -> list[Tensor]:
         return [p for p in grads if p not in self._layer_of]
 
-    def _update_diagonal(
-        self, grads: dict[nn.Parameter, Tensor], examples: int, finite: Tensor
-    ) -> None:
+    def _update_diagonal(self, grads: dict[Tensor, Tensor], examples: int, finite: Tensor) -> None:
         """Diagonal Fisher of fallback parameters: ``v ← β v + (1 − β) n g²``.
 
         ``g`` is the minibatch-mean gradient and ``n`` the examples behind it, so
@@ -334,11 +342,11 @@ class CurvatureOptimizer(Optimizer):
 
     def _precondition(
         self,
-        search: dict[nn.Parameter, Tensor],
-        grad_sq: dict[nn.Parameter, Tensor],
+        search: dict[Tensor, Tensor],
+        grad_sq: dict[Tensor, Tensor],
         total_grad_sq: Tensor,
-    ) -> dict[nn.Parameter, Tensor]:
-        directions: dict[nn.Parameter, Tensor] = {}
+    ) -> dict[Tensor, Tensor]:
+        directions: dict[Tensor, Tensor] = {}
         for layer in self.layers:
             if not any(p in search for p in layer.params):
                 continue
@@ -364,7 +372,7 @@ class CurvatureOptimizer(Optimizer):
         return directions
 
     def _kl_clip_scale(
-        self, directions: dict[nn.Parameter, Tensor], search: dict[nn.Parameter, Tensor]
+        self, directions: dict[Tensor, Tensor], search: dict[Tensor, Tensor]
     ) -> Tensor | None:
         """ν = min(1, sqrt(κ / Σ lr² ⟨Δ, d⟩)) (Ba et al. 2017), a device scalar."""
         kappa = self.options.kl_clip
@@ -381,7 +389,7 @@ class CurvatureOptimizer(Optimizer):
         return torch.clamp(torch.sqrt(kappa / quadratic), max=1.0)
 
     def _apply(
-        self, directions: dict[nn.Parameter, Tensor], scale: Tensor | None, finite: Tensor
+        self, directions: dict[Tensor, Tensor], scale: Tensor | None, finite: Tensor
     ) -> None:
         for group in self.param_groups:
             lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
@@ -464,12 +472,16 @@ class CurvatureOptimizer(Optimizer):
             expected = {"activation": layer.activation_dim, "gradient": layer.gradient_dim}
             for name, value in entry.items():
                 side = name.split("_")[0]
-                if isinstance(value, Tensor) and side in expected and value.dim() >= 1:
-                    if value.shape[-1] != expected[side]:
-                        raise ValueError(
-                            f"state_dict does not fit layer {layer.name!r}: {name} has shape "
-                            f"{tuple(value.shape)}, expected size {expected[side]}"
-                        )
+                if (
+                    isinstance(value, Tensor)
+                    and side in expected
+                    and value.dim() >= 1
+                    and value.shape[-1] != expected[side]
+                ):
+                    raise ValueError(
+                        f"state_dict does not fit layer {layer.name!r}: {name} has shape "
+                        f"{tuple(value.shape)}, expected size {expected[side]}"
+                    )
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -117,7 +117,7 @@ class KFAC(CurvatureOptimizer):
         )
 
     def _refresh_curvature(
-        self, grad_sq: dict[nn.Parameter, Tensor], total_grad_sq: Tensor, finite: Tensor
+        self, grad_sq: dict[Tensor, Tensor], total_grad_sq: Tensor, finite: Tensor
     ) -> None:
         # Refreshing from a step with non-finite gradients would bake a NaN damping
         # into Newton–Schulz inverses; postpone to the next step instead (refresh
