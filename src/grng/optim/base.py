@@ -25,6 +25,12 @@ State layout (all of it travels in ``state_dict``):
 * ``state["diagonal:<param name>"]`` holds a fallback parameter's ``fisher_diagonal``;
 * ``state["counters"]`` holds ``step`` and ``nonfinite_steps``.
 
+Names are those of the model, without the ``module.`` that a (Distributed)DataParallel
+wrapper adds, so the state does not depend on whether the optimizer was built on
+``ddp`` or ``ddp.module``. Under ``torch.distributed`` the statistics are made
+global on capture steps and the refresh work may be sharded across ranks
+(:mod:`grng.distributed`, option ``distributed``).
+
 Curvature entries are keyed by name rather than by parameter because
 ``torch.optim`` casts parameter-keyed state to the parameter's dtype on load,
 and curvature is kept in float32 even for half-precision models.
@@ -43,6 +49,7 @@ from torch.optim import Optimizer
 
 from grng.curvature import CurvatureCapture, FactorEstimate, KroneckerLayer, find_kronecker_layers
 from grng.curvature.fisher import Likelihood, sampled_nll
+from grng.distributed import CurvatureShard, Distributor, make_distributor, strip_wrapper_prefix
 from grng.optim.options import CurvatureOptions, check_group_hyperparameters
 
 Closure = Callable[[], Tensor]
@@ -90,12 +97,17 @@ class CurvatureOptimizer(Optimizer):
         self.model = model
         self.options = options
         self.layers: list[KroneckerLayer] = find_kronecker_layers(model, set(params))
+        for layer in self.layers:
+            layer.name = strip_wrapper_prefix(layer.name, model)
         self._layer_of: dict[nn.Parameter, KroneckerLayer] = {
             p: layer for layer in self.layers for p in layer.params
         }
-        self._param_names = {p: n for n, p in model.named_parameters()}
+        self._param_names = {p: strip_wrapper_prefix(n, model) for n, p in model.named_parameters()}
         self.capture = CurvatureCapture(model, self.layers, options.fisher)
         self.capture.armed = True
+        self.distributor: Distributor = make_distributor(options.distributed)
+        #: Layer name -> the rank that computes its refreshed curvature when sharding.
+        self.curvature_owner: dict[str, int] = self.distributor.assign(self.layers)
         self._fisher_generator: torch.Generator | None = None
         self._warned_nonfinite = 0
         self.named_state("counters").update(
@@ -104,6 +116,8 @@ class CurvatureOptimizer(Optimizer):
                 "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=params[0].device),
             }
         )
+        # Collective: every rank raises (naming the difference) rather than hanging later.
+        self.distributor.check_consistent(self._fingerprint())
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -167,7 +181,9 @@ class CurvatureOptimizer(Optimizer):
             return
         if self._fisher_generator is None or self._fisher_generator.device != outputs.device:
             self._fisher_generator = torch.Generator(device=outputs.device)
-            self._fisher_generator.manual_seed(int(self.counters.get("fisher_seed", 0)))
+            # Offset by the rank: data-parallel ranks draw independent labels.
+            seed = int(self.counters.get("fisher_seed", 0)) + self.distributor.rank
+            self._fisher_generator.manual_seed(seed)
         with torch.enable_grad(), self.capture.fisher_pass():
             loss = sampled_nll(outputs, likelihood, self._fisher_generator)
             weights = [layer.weight for layer in self.layers]
@@ -204,6 +220,12 @@ class CurvatureOptimizer(Optimizer):
         estimates = self.capture.estimates() if capturing else {}
         examples = self.capture.examples if capturing else 0
         self.capture.clear()
+        if capturing:
+            # Global statistics (and example count) before anything reads them, the
+            # finiteness check included, so every rank updates and skips alike.
+            estimates, examples = self.distributor.all_reduce_estimates(
+                estimates, self.layers, examples
+            )
 
         grad_sq = {p: g.detach().to(statistics_dtype(g)).pow(2).sum() for p, g in grads.items()}
         finite = self._all_finite(grad_sq, search, estimates)
@@ -228,6 +250,61 @@ class CurvatureOptimizer(Optimizer):
         self._warn_if_skipped(finite)
         self.capture.armed = self.is_capture_step(step + 1)
         return loss
+
+    # ------------------------------------------------------------ distributed
+    def owns_curvature(self, layer: KroneckerLayer) -> bool:
+        """Whether this rank computes ``layer``'s refreshed curvature (always unless sharding)."""
+        if not self.distributor.shards:
+            return True
+        return self.curvature_owner[layer.name] == self.distributor.rank
+
+    def _share_curvature(
+        self, refreshed: list[tuple[KroneckerLayer, dict[str, tuple[int, ...]]]]
+    ) -> None:
+        """After a sharded refresh, send each owner's results to every rank.
+
+        ``refreshed`` lists, in the same order on every rank, each layer whose
+        curvature this refresh recomputed and the keys (with shapes) of the state
+        entries its owner wrote. A no-op unless sharding.
+        """
+        if not self.distributor.shards:
+            return
+        shards = []
+        for layer, shapes in refreshed:
+            dtype = statistics_dtype(layer.weight)
+            shards.append(
+                CurvatureShard(
+                    layer.name,
+                    self._layer_state(layer),
+                    shapes,
+                    self.curvature_owner[layer.name],
+                    dtype,
+                    layer.weight.device,
+                )
+            )
+        self.distributor.broadcast_curvature(shards)
+
+    def _fingerprint(self) -> dict[str, str]:
+        """What must agree across data-parallel ranks, one line per item."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        settings = {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str))
+        }
+        return {
+            "optimizer": type(self).__qualname__,
+            "parameters": "\n".join(f"{self._name(p)} {tuple(p.shape)} {p.dtype}" for p in params),
+            "kronecker layers": "\n".join(
+                f"{layer.name} A{layer.activation_dim} G{layer.gradient_dim}"
+                for layer in self.layers
+            ),
+            "hyperparameters": "\n".join(
+                f"{k}={g[k]!r}" for g in self.param_groups for k in sorted(g) if k != "params"
+            ),
+            "options": "\n".join(f"{k}={v!r}" for k, v in sorted(vars(self.options).items())),
+            "settings": "\n".join(f"{k}={v!r}" for k, v in sorted(settings.items())),
+        }
 
     def _name(self, p: Tensor) -> str:
         name = self._param_names.get(p)  # type: ignore[call-overload]

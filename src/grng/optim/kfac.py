@@ -18,6 +18,12 @@ what is expensive (eigenbases or inverses) is recomputed every
   larger shift re-inverts that layer at once. With constant damping (K-FAC)
   the shift is always zero.
 
+Data parallel (:mod:`grng.distributed`): the factors are all-reduced on capture
+steps; with ``distributed="shard"`` each refresh computes the eigenbases/inverses
+of this rank's layers only and broadcasts them. A Newton–Schulz re-inversion
+forced by a large damping shift (RING) happens on every rank alike: the damping
+comes from the DDP-averaged gradient, identical everywhere.
+
 RING (:class:`grng.RING`) is this optimizer with the damping ``λ + ρ‖g‖²``.
 """
 
@@ -39,7 +45,13 @@ from grng.linalg import (
     symmetrize,
 )
 from grng.optim.base import CurvatureOptimizer, running_average, sqrt_damping_split
-from grng.optim.options import CurvatureOptions, FisherType, InverseMethod, NonfinitePolicy
+from grng.optim.options import (
+    CurvatureOptions,
+    DistributedMode,
+    FisherType,
+    InverseMethod,
+    NonfinitePolicy,
+)
 
 #: Largest relative damping shift |ε|/c_ref served by the first-order correction.
 MAX_RELATIVE_SHIFT = 0.5
@@ -55,7 +67,9 @@ class KFAC(CurvatureOptimizer):
         momentum: heavy-ball momentum μ on the preconditioned direction.
         weight_decay: decoupled weight decay (AdamW-style).
         factor_update_freq, inverse_update_freq, factor_decay, fisher, inverse,
-        kl_clip, nonfinite, inverse_tol: see :class:`grng.optim.CurvatureOptions`.
+        kl_clip, nonfinite, inverse_tol, distributed: see
+        :class:`grng.optim.CurvatureOptions` (``distributed="auto"`` shards the
+        refreshes across ranks when a process group is initialised).
     """
 
     def __init__(
@@ -74,6 +88,7 @@ class KFAC(CurvatureOptimizer):
         kl_clip: float | None = 1e-3,
         nonfinite: NonfinitePolicy = "skip",
         inverse_tol: float = 1e-4,
+        distributed: DistributedMode | None = "auto",
         **extra_defaults: Any,
     ) -> None:
         options = CurvatureOptions(
@@ -85,6 +100,7 @@ class KFAC(CurvatureOptimizer):
             kl_clip=kl_clip,
             nonfinite=nonfinite,
             inverse_tol=inverse_tol,
+            distributed=distributed,
         )
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, **extra_defaults
@@ -126,6 +142,8 @@ class KFAC(CurvatureOptimizer):
             self.counters["refresh_pending"] = True
             return
         self.counters["refresh_pending"] = False
+        # Layers refreshed now and the entries their owner writes (sharded mode).
+        refreshed: list[tuple[KroneckerLayer, dict[str, tuple[int, ...]]]] = []
         for layer in self.layers:
             state = self._layer_state(layer)
             if "activation_factor" not in state or not bool(state["activation_factor_updates"] > 0):
@@ -134,8 +152,23 @@ class KFAC(CurvatureOptimizer):
                 state["activation_factor"],
                 state["gradient_factor"],
             )
+            # π is cheap and identical everywhere (global factors): every rank computes it.
             state["pi"] = pi_correction(activation_factor, gradient_factor)
+            d_a, d_g = layer.activation_dim, layer.gradient_dim
             if self.options.inverse == "eigh":
+                refreshed.append(
+                    (
+                        layer,
+                        {
+                            "activation_eigenvalues": (d_a,),
+                            "activation_eigenvectors": (d_a, d_a),
+                            "gradient_eigenvalues": (d_g,),
+                            "gradient_eigenvectors": (d_g, d_g),
+                        },
+                    )
+                )
+                if not self.owns_curvature(layer):
+                    continue
                 state["activation_eigenvalues"], state["activation_eigenvectors"] = eigh_factor(
                     activation_factor
                 )
@@ -143,7 +176,24 @@ class KFAC(CurvatureOptimizer):
                     gradient_factor
                 )
             elif any(p in grad_sq for p in layer.params):
-                self._invert(layer, self._layer_damping(layer, grad_sq, total_grad_sq))
+                refreshed.append(
+                    (
+                        layer,
+                        {
+                            "activation_inverse": (d_a, d_a),
+                            "activation_damping": (),
+                            "gradient_inverse": (d_g, d_g),
+                            "gradient_damping": (),
+                        },
+                    )
+                )
+                if self.owns_curvature(layer):
+                    self._invert(layer, self._layer_damping(layer, grad_sq, total_grad_sq))
+                else:
+                    owner = self.curvature_owner[layer.name]
+                    for side in ("activation", "gradient"):
+                        state[f"{side}_inverse_method"] = f"broadcast from rank {owner}"
+        self._share_curvature(refreshed)
 
     def _invert(self, layer: KroneckerLayer, gamma: Tensor) -> None:
         """Newton–Schulz inverses of both damped factors at damping γ, warm-started."""

@@ -17,6 +17,8 @@ FisherType = Literal["empirical", "mc"]
 InverseMethod = Literal["eigh", "newton_schulz"]
 NonfinitePolicy = Literal["skip", "raise"]
 GradNormScope = Literal["global", "layer"]
+#: How curvature work is split across data-parallel ranks (see :mod:`grng.distributed`).
+DistributedMode = Literal["auto", "shard", "replicate"]
 
 
 def check_real(
@@ -77,6 +79,15 @@ class CurvatureOptions:
         nonfinite: ``"skip"`` a step with non-finite gradients or statistics
             (nothing changes, a counter increments), or ``"raise"``.
         inverse_tol: residual tolerance ``‖MX − I‖_F/√d`` of Newton–Schulz inverses.
+        distributed: data-parallel mode under ``torch.distributed`` (see
+            :mod:`grng.distributed`). ``"shard"``: factors are all-reduced on
+            capture steps and each rank computes only its share of the
+            inverses/eigenbases, then broadcasts them; ``"replicate"``: factors
+            are all-reduced and every rank computes every inverse (no broadcast,
+            ``world_size`` times the inverse work); ``"auto"`` (default) is
+            ``"shard"`` when a process group with more than one rank is
+            initialised and single-process otherwise; ``None`` ignores
+            ``torch.distributed`` (each rank on its own: only correct without DDP).
     """
 
     factor_update_freq: int = 10
@@ -87,6 +98,7 @@ class CurvatureOptions:
     kl_clip: float | None = 1e-3
     nonfinite: NonfinitePolicy = "skip"
     inverse_tol: float = 1e-4
+    distributed: DistributedMode | None = "auto"
 
     def __post_init__(self) -> None:
         check_int("factor_update_freq", self.factor_update_freq)
@@ -98,6 +110,8 @@ class CurvatureOptions:
             check_real("kl_clip", self.kl_clip, low=0.0, low_open=True)
         check_choice("nonfinite", self.nonfinite, ("skip", "raise"))
         check_real("inverse_tol", self.inverse_tol, low=0.0, low_open=True)
+        if self.distributed is not None:
+            check_choice("distributed", self.distributed, ("auto", "shard", "replicate"))
 
 
 def check_group_hyperparameters(group: dict[str, Any]) -> None:
