@@ -340,6 +340,11 @@ class DataParallel:
                 )
             dist.broadcast(buffer, src=self._global_rank(owner), group=self.group)
             if self.rank == owner:
+                # Receivers get row-major copies; the owner's tensors may have other
+                # strides (eigh returns column-major eigenvectors), and matmuls with
+                # other strides round differently. Same layout -> bitwise-equal steps.
+                for shard, key, _, _ in sizes:
+                    shard.state[key] = shard.state[key].contiguous()
                 continue
             offset = 0
             for shard, key, shape, n in sizes:
