@@ -211,7 +211,7 @@ def test_newton_schulz_reports_divergence_quickly() -> None:
 # damped_inverse
 # ----------------------------------------------------------------------------------------------
 
-NEWTON_SCHULZ_METHODS = {"newton_schulz", "newton_schulz_restart", "newton_schulz_float64"}
+NEWTON_SCHULZ_METHODS = {"newton_schulz", "newton_schulz_restart"}
 
 
 def _check_inverse_result(
@@ -240,7 +240,7 @@ def _check_inverse_result(
     if result.ok:
         assert error <= math.sqrt(d) * residual * (1 + 1e-6) + _truth_slack(d, cond)
     else:
-        # Only a float32 result may miss tol on an SPD matrix: the float64 rung succeeded
+        # Only a float32 result may miss tol on an SPD matrix: the float64 Cholesky succeeded
         # and rounding to float32 alone costs ~κ·6e-8 of residual. The answer is still the
         # rounded float64 inverse.
         assert expected_dtype == torch.float32
@@ -286,8 +286,6 @@ def test_damped_inverse_random_spd(
         assert result.ok  # Cholesky in float64 always meets 1e-4 at κ <= 1e8
     if warm_start is None:
         assert result.method != "newton_schulz_restart"
-    if dtype == F64:
-        assert result.method != "newton_schulz_float64"
 
 
 def test_damped_inverse_good_warm_start_takes_few_iterations() -> None:
@@ -316,13 +314,13 @@ def test_damped_inverse_bad_warm_start_restarts() -> None:
     assert result.method == "newton_schulz_restart" and result.ok
 
 
-def test_damped_inverse_float32_ill_conditioned_uses_float64_rung() -> None:
+def test_damped_inverse_float32_ill_conditioned_falls_back_to_float64_cholesky() -> None:
     gen = torch.Generator().manual_seed(3)
     factor = _spd_with_condition(24, 5.0, gen).to(torch.float32)
     lam_min = float(torch.linalg.eigvalsh(factor.to(F64))[0])
     damping = max(0.0, 1e-5 - lam_min)
     result = damped_inverse(factor, damping)
-    assert result.method == "newton_schulz_float64"
+    assert result.method == "cholesky"
     assert result.inverse.dtype == torch.float32
     _check_inverse_result(result, factor, damping, 1e-4)
 
@@ -330,7 +328,7 @@ def test_damped_inverse_float32_ill_conditioned_uses_float64_rung() -> None:
 def test_damped_inverse_falls_back_to_cholesky() -> None:
     gen = torch.Generator().manual_seed(4)
     factor = _spd_with_condition(16, 4.0, gen)
-    # Two Newton–Schulz iterations cannot reach 1e-4 at κ = 1e4; float64 input skips rung 3.
+    # Two Newton–Schulz iterations cannot reach 1e-4 at κ = 1e4.
     result = damped_inverse(factor, 0.0, max_iters=2)
     assert result.method == "cholesky" and result.ok and result.iterations == 0
     _check_inverse_result(result, factor, 0.0, 1e-4, max_iters=2)
