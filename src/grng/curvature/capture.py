@@ -24,10 +24,26 @@ the examples behind them summed over every backward since the last commit
 (gradient accumulation), and ``uses`` how many times the layer ran per
 forward of the model (a reused layer sees each example several times, but
 the loss still averages over it once).
+
+Row store (opt-in, ``keep_rows=k``): besides the sums, each call keeps ``k`` of
+its rows (a uniformly random subset, seeded by ``row_seed``, the layer and the
+call, so a run is reproducible and a resumed run draws the same rows), scaled
+by ``sqrt(rows / kept)`` so that ``Σ kept kept·keptᵀ`` is an unbiased estimate
+of the call's ``Σ r rᵀ``, and exactly it when nothing was dropped.
+:meth:`CurvatureCapture.estimates` returns them as ``activation_rows`` ``U_A``
+and ``gradient_rows`` ``U_G`` (at most ``k`` each, re-subsampled the same way
+if several calls kept more), normalised like the factors::
+
+    U_Aᵀ U_A ≈ A,   U_Gᵀ U_G ≈ G.
+
+A random subset rather than the first ``k`` rows: convolution and sequence rows
+are ordered example-major, so the first rows would be the positions of one
+example.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +63,8 @@ class _LayerSums:
     activation_rows: int = 0
     examples: int = 0
     calls: int = 0
+    activation_kept: list[Tensor] = field(default_factory=list)
+    gradient_kept: list[Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,9 @@ class FactorEstimate:
     activation_factor: Tensor
     gradient_factor: Tensor
     examples: float
+    #: With ``keep_rows``: rows ``U`` (``(≤ k, dim)``) with ``Uᵀ U`` ≈ the factor.
+    activation_rows: Tensor | None = None
+    gradient_rows: Tensor | None = None
 
 
 @dataclass
@@ -68,12 +89,17 @@ class CurvatureCapture:
         fisher: ``"empirical"`` to take output gradients from any backward
             (the training loss's own), ``"mc"`` to take them only inside
             :meth:`fisher_pass` (a backward of labels sampled from the model).
+        keep_rows: ``None`` (default: sums only), or keep up to this many
+            rows per layer per step (see "Row store" in the module docstring).
+        row_seed: seeds the choice of kept rows; a caller sets it per step.
     """
 
     model: nn.Module
     layers: list[KroneckerLayer]
     fisher: str = "empirical"
     armed: bool = False
+    keep_rows: int | None = None
+    row_seed: int = 0
     _paused: int = 0
     _in_fisher_pass: bool = False
     _forwards: int = 0
@@ -140,9 +166,24 @@ class CurvatureCapture:
             self._sums[layer.name] = sums
         sums.activation.addmm_(a_rows.T, a_rows)
         sums.gradient.addmm_(g_rows.T, g_rows)
+        if self.keep_rows is not None:
+            salt = zlib.crc32(layer.name.encode()) + 1_000_003 * sums.calls
+            sums.activation_kept.append(self._keep(a_rows, 2 * salt))
+            sums.gradient_kept.append(self._keep(g_rows, 2 * salt + 1))
         sums.activation_rows += a_rows.shape[0]
         sums.examples += examples
         sums.calls += 1
+
+    def _keep(self, rows: Tensor, salt: int) -> Tensor:
+        """``keep_rows`` random rows scaled by ``sqrt(n / kept)`` (all rows if ``n ≤ k``)."""
+        n, k = rows.shape[0], self.keep_rows
+        assert k is not None
+        if n <= k:
+            return rows
+        generator = torch.Generator(device=rows.device)
+        generator.manual_seed((self.row_seed * 2_147_483_647 + salt) % (2**63))
+        index = torch.randperm(n, generator=generator, device=rows.device)[:k]
+        return rows.index_select(0, index) * (n / k) ** 0.5
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -180,10 +221,19 @@ class CurvatureCapture:
         out = {}
         for name, s in self._sums.items():
             examples = s.examples / self._uses(s)
+            a_rows = g_rows = None
+            if self.keep_rows is not None:
+                salt = zlib.crc32(name.encode())
+                a_rows = self._keep(torch.cat(s.activation_kept), 2 * salt)
+                g_rows = self._keep(torch.cat(s.gradient_kept), 2 * salt + 1)
+                a_rows = a_rows / s.activation_rows**0.5
+                g_rows = g_rows * examples**0.5
             out[name] = FactorEstimate(
                 activation_factor=s.activation / s.activation_rows,
                 gradient_factor=s.gradient * examples,
                 examples=examples,
+                activation_rows=a_rows,
+                gradient_rows=g_rows,
             )
         return out
 

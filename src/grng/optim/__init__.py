@@ -4,5 +4,6 @@ from grng.optim.base import CurvatureOptimizer
 from grng.optim.kfac import KFAC
 from grng.optim.options import CurvatureOptions
 from grng.optim.ring import RING
+from grng.optim.rkalman import RKalman
 
-__all__ = ["KFAC", "RING", "CurvatureOptimizer", "CurvatureOptions"]
+__all__ = ["KFAC", "RING", "CurvatureOptimizer", "CurvatureOptions", "RKalman"]

@@ -1,0 +1,258 @@
+"""R-Kalman: the inverse Fisher tracked by Kalman recursions, GR as a step length.
+
+The parameters are the hidden state of a filter whose belief ``N(θ_t, P_t)`` is
+updated batch by batch; ``P`` plays the inverse Fisher. Per Kronecker layer
+``P = P_G ⊗ P_A``, and each factor ``P = Λ⁻¹`` follows its information ``Λ``::
+
+    forgetting (default)   Λ_t = β Λ_{t−1} + (1 − β) U Uᵀ + c E_t
+    accumulate             Λ_t = Λ_{t−1} + U Uᵀ
+
+with ``U`` (``d × k``) the captured rows (``U Uᵀ`` estimates the factor ``A`` or
+``G``, see :mod:`grng.curvature.capture`) and ``c E_t`` the floor (below). ``P``
+is never obtained by inverting ``Λ``: with decay ``b`` and weight ``w``
+(``b = β, w = 1 − β``, or ``b = w = 1``), Woodbury gives the Kalman form::
+
+    predict   P⁻ = P / b                           (exponential forgetting)
+    update    S  = Uᵀ P⁻ U + I/w  = (Uᵀ P U + (b/w) I) / b       (k × k)
+              K  = P⁻ U S⁻¹
+              P  ← P⁻ − K Uᵀ P⁻ = (P − W Wᵀ) / b,   W = P U L⁻ᵀ,  L Lᵀ = Uᵀ P U + (b/w) I
+
+(:func:`kalman_absorb`): one ``k × k`` Cholesky and triangular solve, ``O(d² k)``
+flops, and ``P − W Wᵀ`` is symmetric by construction.
+
+Prior and floor. The prior is K-FAC's factored damping: ``Λ_A ⪰ λ_A I``,
+``Λ_G ⪰ λ_G I`` with ``λ_A = π√λ``, ``λ_G = √λ/π`` (``λ_A λ_G = λ``; π from the
+first statistics, :func:`grng.linalg.pi_correction`). Forgetting would decay the
+prior away, so every update also absorbs ``c e_i e_iᵀ`` for ``m`` coordinates
+``i`` in rotation (:func:`absorb_coordinates`), every coordinate at least once in
+any ``L = ⌈d/m⌉`` consecutive updates. With ``c = λ_f (1 − β^L)/β^{L−1}`` and the
+prior ``Λ_0 = (λ_f/β^{L−1}) I`` the floor part of ``Λ`` is a diagonal ``D`` whose
+entries stay in ``[λ_f, λ_f/β^{L−1}]`` after every update (the fixed point of
+``x ← β^L x + c`` is ``λ_f/β^{L−1}``, and ``L − 1`` decays take it to ``λ_f``),
+so ``Λ ⪰ λ_f I`` and ``‖P‖₂ ≤ 1/λ_f``. The price: a coordinate just absorbed is
+damped up to ``β^{−(L−1)}`` times more than the floor.
+
+Step. ``Δ = P_G V P_A`` per layer (two matmuls); parameters outside Kronecker
+layers use the base's diagonal fallback. Gradient regularisation
+``L_G = L + (ρ/2)‖∇L‖²`` enters as a scalar along Δ: its quadratic model
+``L_G(θ − tΔ) ≈ L_G − t gᵀΔ + ½ t² (ΔᵀFΔ + ρ‖g‖²‖Δ‖²)``, with ``ΔᵀFΔ = gᵀΔ`` when
+``F = P⁻¹``, is minimised by::
+
+    α = gᵀΔ / (gᵀΔ + γ_t ‖Δ‖²) = 1 / (1 + γ_t ‖Δ‖² / gᵀΔ),   γ_t = ρ ‖g_t‖²
+
+(global over all parameters; α = 1 for ρ = 0, 0 if ``gᵀΔ ≤ 0``), so GR never
+lengthens the step. Then KL clip, momentum and weight decay as in the base.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grng.curvature import FactorEstimate, KroneckerLayer
+from grng.linalg import pi_correction
+from grng.optim.base import Closure, CurvatureOptimizer, sqrt_damping_split
+from grng.optim.options import CurvatureOptions, FisherType, NonfinitePolicy, check_int
+
+
+def _downdate(
+    covariance: Tensor, pu: Tensor, utpu: Tensor, noise: float | Tensor, decay: float
+) -> Tensor:
+    """``(P − PU (UᵀPU + noise·I)⁻¹ UᵀP) / decay`` from ``PU`` and ``UᵀPU``. No sync."""
+    eye = torch.eye(utpu.shape[0], dtype=utpu.dtype, device=utpu.device)
+    s = utpu + noise * eye
+    # cholesky_ex: a non-finite S (a step that will be masked) must not raise.
+    lower, _ = torch.linalg.cholesky_ex(0.5 * (s + s.mT))
+    w = torch.linalg.solve_triangular(lower, pu.mT, upper=False).mT  # W = P U L⁻ᵀ
+    return torch.addmm(covariance, w, w.mT, beta=1 / decay, alpha=-1 / decay)
+
+
+def kalman_absorb(
+    covariance: Tensor, columns: Tensor, decay: float = 1.0, weight: float = 1.0
+) -> Tensor:
+    """``(decay·P⁻¹ + weight·U Uᵀ)⁻¹`` from ``P`` and ``U`` (``d × k``), a k×k solve only.
+
+    ``decay = β, weight = 1 − β`` is one step of the running average
+    ``Λ ← βΛ + (1 − β) U Uᵀ``; ``decay = weight = 1`` accumulates ``Λ ← Λ + U Uᵀ``.
+    """
+    pu = covariance @ columns
+    return _downdate(covariance, pu, columns.mT @ pu, decay / weight, decay)
+
+
+def absorb_coordinates(covariance: Tensor, index: Tensor, information: Tensor) -> Tensor:
+    """``(P⁻¹ + c Σ_{i ∈ index} e_i e_iᵀ)⁻¹`` (the floor's rank-m update) by gathers.
+
+    With ``U = √c E``: ``PU = √c P[:, i]``, ``UᵀPU = c P[i, i]``, and the update is
+    ``P − P[:, i] (P[i, i] + I/c)⁻¹ P[i, :]``; no matmul with ``E``.
+    """
+    pu = covariance.index_select(1, index)
+    return _downdate(covariance, pu, pu.index_select(0, index), 1 / information, 1.0)
+
+
+def floor_schedule(dim: int, columns: int, decay: float) -> tuple[int, float, float]:
+    """``(L, c/λ_f, Λ_0/λ_f)`` of the rotating floor: ``L = ⌈d/m⌉`` updates per cycle,
+    information ``c = λ_f (1 − β^L)/β^{L−1}`` per coordinate absorbed, prior
+    ``λ_f/β^{L−1}`` (see the module docstring for why ``Λ ⪰ λ_f I`` then holds)."""
+    cycle = math.ceil(dim / min(columns, dim))
+    return cycle, (1 - decay**cycle) / decay ** (cycle - 1), decay ** -(cycle - 1)
+
+
+class RKalman(CurvatureOptimizer):
+    """R-Kalman: Kronecker-factored inverse Fisher tracked by Kalman recursions.
+
+    Args:
+        model: the network to optimize.
+        lr: learning rate η.
+        rho: gradient-regularization strength ρ ≥ 0 (ρ = 0: α = 1).
+        damping: the floor λ of the factored information (``λ_A λ_G = λ``).
+        momentum, weight_decay: as for :class:`grng.KFAC`.
+        forgetting: ``True``: ``Λ ← βΛ + (1 − β)UUᵀ`` with ``β = factor_decay``
+            and the rotating floor; ``False``: ``Λ ← Λ + UUᵀ`` from the prior
+            ``λ_f I`` (exact Bayesian accumulation; steps shrink like 1/updates).
+        rows_per_update: k, rows absorbed per factor and update (the largest
+            innovation solved, k × k); the capture keeps a random k of them.
+        floor_columns: m, coordinates of the floor absorbed per update (≤ k
+            keeps every solve innovation-sized); default k.
+        seed: seeds which rows are kept.
+        factor_update_freq, factor_decay, fisher, kl_clip, nonfinite: see
+            :class:`grng.optim.CurvatureOptions` (no inverses are refreshed).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.05,
+        rho: float = 1e-3,
+        damping: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        forgetting: bool = True,
+        rows_per_update: int = 32,
+        floor_columns: int | None = None,
+        seed: int = 0,
+        factor_update_freq: int = 10,
+        factor_decay: float = 0.95,
+        fisher: FisherType = "empirical",
+        kl_clip: float | None = 1e-3,
+        nonfinite: NonfinitePolicy = "skip",
+    ) -> None:
+        options = CurvatureOptions(
+            factor_update_freq=factor_update_freq,
+            factor_decay=factor_decay,
+            fisher=fisher,
+            kl_clip=kl_clip,
+            nonfinite=nonfinite,
+        )
+        if forgetting and factor_decay == 0.0:
+            raise ValueError("factor_decay must be in (0, 1) with forgetting=True, got 0.0")
+        self.forgetting = bool(forgetting)
+        self.rows_per_update = check_int("rows_per_update", rows_per_update)
+        self.floor_columns = check_int("floor_columns", floor_columns or rows_per_update)
+        self.seed = int(seed)
+        defaults = dict(
+            lr=lr, rho=rho, damping=damping, momentum=momentum, weight_decay=weight_decay
+        )
+        super().__init__(model, defaults, options)
+        self.capture.keep_rows = self.rows_per_update
+        self._seed_rows()
+
+    def _seed_rows(self) -> None:
+        # The kept rows depend on the step only, so a resumed run draws the same ones.
+        self.capture.row_seed = self.seed * 1_000_003 + self.steps_taken
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
+        loss = super().step(closure)
+        self._seed_rows()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._seed_rows()
+
+    # ------------------------------------------------------------- filter
+    def _update_curvature(self, estimates: dict[str, FactorEstimate], finite: Tensor) -> None:
+        beta = self.options.factor_decay if self.forgetting else 1.0
+        weight = 1 - beta if self.forgetting else 1.0
+        for layer in self.layers:
+            estimate = estimates.get(layer.name)
+            if estimate is None or estimate.activation_rows is None:
+                continue
+            assert estimate.gradient_rows is not None
+            state = self._layer_state(layer)
+            if "activation_covariance" not in state:
+                self._initialise(layer, state, estimate, finite)
+            for side, rows in (
+                ("activation", estimate.activation_rows),
+                ("gradient", estimate.gradient_rows),
+            ):
+                old = state[f"{side}_covariance"]
+                new = kalman_absorb(old, rows.mT.to(old.dtype), beta, weight)
+                if self.forgetting:
+                    new = self._absorb_floor(state, side, new, finite)
+                state[f"{side}_covariance"] = torch.where(finite, new, old)
+
+    def _initialise(
+        self, layer: KroneckerLayer, state: dict[str, Any], estimate: FactorEstimate, ok: Tensor
+    ) -> None:
+        """Prior ``P = I/Λ_0`` per factor, with the factored-damping split of λ by π."""
+        pi = pi_correction(estimate.activation_factor, estimate.gradient_factor)
+        pi = torch.where(ok & torch.isfinite(pi), pi, torch.ones_like(pi))
+        damping = torch.as_tensor(self._group_of(layer.weight)["damping"], dtype=pi.dtype)
+        gradient_floor, activation_floor = sqrt_damping_split(damping.to(pi.device), pi)
+        beta = self.options.factor_decay
+        for side, floor, dim in (
+            ("activation", activation_floor, layer.activation_dim),
+            ("gradient", gradient_floor, layer.gradient_dim),
+        ):
+            prior = floor_schedule(dim, self.floor_columns, beta)[2] if self.forgetting else 1.0
+            eye = torch.eye(dim, dtype=pi.dtype, device=pi.device)
+            state[f"{side}_covariance"] = eye / (floor * prior)
+            state[f"{side}_floor"] = floor
+            state[f"{side}_floor_cursor"] = torch.zeros((), dtype=torch.int64, device=pi.device)
+
+    def _absorb_floor(
+        self, state: dict[str, Any], side: str, covariance: Tensor, finite: Tensor
+    ) -> Tensor:
+        """Absorb ``c e_i e_iᵀ`` for the next ``m`` coordinates (cyclically), no sync."""
+        dim = covariance.shape[0]
+        columns = min(self.floor_columns, dim)
+        _, information, _ = floor_schedule(dim, columns, self.options.factor_decay)
+        cursor = state[f"{side}_floor_cursor"]
+        index = (cursor + torch.arange(columns, device=cursor.device)) % dim
+        state[f"{side}_floor_cursor"] = torch.where(finite, (cursor + columns) % dim, cursor)
+        floor = state[f"{side}_floor"].to(covariance.dtype)
+        return absorb_coordinates(covariance, index, floor * information)
+
+    # --------------------------------------------------------------- step
+    def _precondition_layer(
+        self, layer: KroneckerLayer, gradient_matrix: Tensor, damping: Tensor
+    ) -> Tensor:
+        """``Δ = P_G V P_A`` (``V / λ`` before the layer has statistics)."""
+        state = self._layer_state(layer)
+        if "activation_covariance" not in state:
+            return gradient_matrix / damping
+        return state["gradient_covariance"] @ gradient_matrix @ state["activation_covariance"]
+
+    def _precondition(
+        self, search: dict[Tensor, Tensor], grad_sq: dict[Tensor, Tensor], total_grad_sq: Tensor
+    ) -> dict[Tensor, Tensor]:
+        """The preconditioned directions scaled by the GR step length α (module docstring)."""
+        directions = super()._precondition(search, grad_sq, total_grad_sq)
+        if all(group["rho"] == 0 for group in self.param_groups):
+            return directions
+        along, length = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in directions:
+                    delta = directions[p].to(total_grad_sq.dtype)
+                    along.append((delta * search[p].to(delta.dtype)).sum())
+                    length.append(delta.pow(2).sum() * group["rho"])
+        slope = torch.stack(along).sum().clamp_min(0)
+        penalty = total_grad_sq * torch.stack(length).sum()
+        alpha = slope / (slope + penalty).clamp_min(torch.finfo(slope.dtype).tiny)
+        return {p: d * alpha.to(d.dtype) for p, d in directions.items()}
