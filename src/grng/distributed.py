@@ -239,12 +239,19 @@ class DataParallel:
         layers: Sequence[KroneckerLayer],
         examples: int,
     ) -> tuple[dict[str, FactorEstimate], int]:
-        """One all-reduce per statistics dtype of ``[m A, m G, m]`` for every layer.
+        """One all-reduce per statistics dtype of ``[m A, m G, m, row counts]`` for every layer.
 
         A layer without statistics on this rank (not run on its slice)
         contributes zeros with weight 0, so the buffers have the same layout on
         every rank; a layer with no examples on any rank is left out of the
         result, as a single process would leave it out.
+
+        Kept rows (``FactorEstimate.activation_rows``/``gradient_rows``, R-Kalman's
+        row store, ``Uᵀ U ≈`` factor) are not summable; they are all-gathered
+        (one more collective, only when some rank has rows) and stacked as
+        ``U = [√(m_r/m) U_r]_r``, so that ``Uᵀ U = Σ_r (m_r/m) U_rᵀ U_r`` estimates the
+        global factor: up to ``world_size · k`` rows, the exact union of what
+        the ranks kept, in rank order, identical on every rank.
         """
         by_dtype: dict[torch.dtype, list[KroneckerLayer]] = {}
         for layer in layers:
@@ -256,13 +263,16 @@ class DataParallel:
             dist.all_reduce(count, group=self.group)
             return reduced, round(float(count))
         total_examples = examples
+        world = self.world_size
         # Fixed dtype order: every rank issues the same collectives in the same order.
         for index, dtype in enumerate(sorted(by_dtype, key=str)):
             group_layers = by_dtype[dtype]
             device = group_layers[0].weight.device
             pieces: list[Tensor] = []
             weights: list[Tensor] = []
-            for layer in group_layers:
+            # Per layer and side, every rank's number of kept rows (own slot only).
+            row_counts = torch.zeros(len(group_layers), 2, world, dtype=dtype, device=device)
+            for i, layer in enumerate(group_layers):
                 d_a, d_g = layer.activation_dim, layer.gradient_dim
                 estimate = estimates.get(layer.name)
                 if estimate is None:
@@ -275,19 +285,33 @@ class DataParallel:
                     (estimate.gradient_factor.to(dtype) * m).reshape(-1),
                 ]
                 weights.append(torch.tensor(m, dtype=dtype, device=device))
+                for side, rows in enumerate((estimate.activation_rows, estimate.gradient_rows)):
+                    if rows is not None:
+                        row_counts[i, side, self.rank] = rows.shape[0]
             # The global example count rides along in the first buffer (exact in
             # float32 below 2^24 examples per step).
             count = torch.tensor(
                 [float(examples) if index == 0 else 0.0], dtype=dtype, device=device
             )
-            buffer = torch.cat([*pieces, torch.stack(weights), count])
+            buffer = torch.cat([*pieces, torch.stack(weights), row_counts.reshape(-1), count])
             dist.all_reduce(buffer, group=self.group)
-            totals = buffer[-1 - len(weights) : -1]
-            host_totals = totals.tolist()  # capture steps only; needed to build the dict
+            n_counts = row_counts.numel()
+            totals = buffer[-1 - n_counts - len(weights) : -1 - n_counts]
+            # Capture steps only; the host needs these to build the dict and buffers.
+            host_totals = totals.tolist()
+            counts = [
+                [[round(c) for c in side] for side in layer_counts]
+                for layer_counts in buffer[-1 - n_counts : -1].view(-1, 2, world).tolist()
+            ]
             if index == 0:
                 total_examples = round(float(buffer[-1]))
+            gathered_rows = self._gather_rows(
+                estimates, group_layers, counts, host_totals, dtype, device
+            )
             offset = 0
-            for layer, weight, host in zip(group_layers, totals, host_totals, strict=True):
+            for i, (layer, weight, host) in enumerate(
+                zip(group_layers, totals, host_totals, strict=True)
+            ):
                 d_a, d_g = layer.activation_dim, layer.gradient_dim
                 a = buffer[offset : offset + d_a * d_a].view(d_a, d_a)
                 offset += d_a * d_a
@@ -296,12 +320,62 @@ class DataParallel:
                 # host != 0 keeps NaN totals, so a non-finite statistic on any
                 # rank reaches every rank's finiteness check.
                 if host != 0:
+                    a_rows, g_rows = gathered_rows[i]
                     reduced[layer.name] = FactorEstimate(
                         activation_factor=a / weight,
                         gradient_factor=g / weight,
                         examples=host,
+                        activation_rows=a_rows,
+                        gradient_rows=g_rows,
                     )
         return reduced, total_examples
+
+    def _gather_rows(
+        self,
+        estimates: Mapping[str, FactorEstimate],
+        layers: Sequence[KroneckerLayer],
+        counts: list[list[list[int]]],
+        totals: list[float],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> list[tuple[Tensor | None, Tensor | None]]:
+        """Stack every rank's kept rows per layer and side (see :meth:`all_reduce_estimates`)."""
+        none: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * len(layers)
+        if not any(c for layer_counts in counts for side in layer_counts for c in side):
+            return none
+        # Pad every (layer, side) block to its largest count over ranks: one all-gather.
+        padded = [[max(side) for side in layer_counts] for layer_counts in counts]
+        pieces = []
+        for i, layer in enumerate(layers):
+            estimate = estimates.get(layer.name)
+            for side, dim in enumerate((layer.activation_dim, layer.gradient_dim)):
+                block = torch.zeros(padded[i][side], dim, dtype=dtype, device=device)
+                rows = None
+                if estimate is not None:
+                    rows = (estimate.activation_rows, estimate.gradient_rows)[side]
+                if rows is not None and estimate is not None:
+                    block[: rows.shape[0]] = rows.to(dtype) * float(estimate.examples) ** 0.5
+                pieces.append(block.reshape(-1))
+        mine = torch.cat(pieces)
+        everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(everyone, mine, group=self.group)
+        out: list[tuple[Tensor | None, Tensor | None]] = []
+        offset = 0
+        for i, layer in enumerate(layers):
+            sides: list[Tensor | None] = []
+            for side, dim in enumerate((layer.activation_dim, layer.gradient_dim)):
+                size = padded[i][side] * dim
+                blocks = [
+                    everyone[r][offset : offset + size].view(padded[i][side], dim)[
+                        : counts[i][side][r]
+                    ]
+                    for r in range(self.world_size)
+                ]
+                offset += size
+                rows = torch.cat(blocks) if padded[i][side] > 0 else None
+                sides.append(None if rows is None else rows / totals[i] ** 0.5)
+            out.append((sides[0], sides[1]))
+        return out
 
     # ------------------------------------------------------------- sharding
     def assign(self, layers: Sequence[KroneckerLayer]) -> dict[str, int]:
