@@ -185,6 +185,10 @@ class CurvatureCapture:
         index = torch.randperm(n, generator=generator, device=rows.device)[:k]
         return rows.index_select(0, index) * (n / k) ** 0.5
 
+    @property
+    def is_paused(self) -> bool:
+        return self._paused > 0
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """No statistics are recorded inside (second-order or perturbed passes)."""

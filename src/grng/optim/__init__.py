@@ -3,7 +3,8 @@
 from grng.optim.base import CurvatureOptimizer
 from grng.optim.kfac import KFAC
 from grng.optim.options import CurvatureOptions
+from grng.optim.reng import RENG
 from grng.optim.ring import RING
 from grng.optim.rkalman import RKalman
 
-__all__ = ["KFAC", "RING", "CurvatureOptimizer", "CurvatureOptions", "RKalman"]
+__all__ = ["KFAC", "RENG", "RING", "CurvatureOptimizer", "CurvatureOptions", "RKalman"]

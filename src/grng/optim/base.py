@@ -191,9 +191,14 @@ class CurvatureOptimizer(Optimizer):
 
     # --------------------------------------------------------------- the step
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As in torch.optim; also forgets statistics captured for the discarded gradients."""
+        """As in torch.optim; also forgets statistics captured for the discarded gradients.
+
+        Inside ``capture.paused()`` (a perturbed re-evaluation that calls the user's
+        closure, which zeroes the gradients) the clean pass's statistics are kept.
+        """
         super().zero_grad(set_to_none)
-        self.capture.clear()
+        if not self.capture.is_paused:
+            self.capture.clear()
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]

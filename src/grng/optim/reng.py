@@ -1,0 +1,210 @@
+"""RENG: Regularized Explicit Natural Gradient.
+
+RENG minimises the gradient-regularized objective directly: it preconditions
+
+    ∇L_G = ∇L + ρ · H∇L,        L_G = L + (ρ/2)‖∇L‖²,
+
+with K-FAC's Kronecker-factored Fisher and constant damping λ (per layer
+``Δ = (G + (√λ/π) I)⁻¹ V_G (A + π√λ I)⁻¹``, ``V_G`` the layer's block of ∇L_G;
+lazy inverses, momentum, weight decay, KL clip and the diagonal fallback as in
+:class:`grng.KFAC`). The factors come from the ordinary loss's backward only:
+every second-order or perturbed pass runs inside ``capture.paused()``.
+
+The Hessian-gradient product ``H∇L = ∇(½‖∇L‖²)`` is computed one of two ways:
+
+* ``hvp="exact"``: double backpropagation through the gradient's graph, built
+  by ``loss.backward(create_graph=True)``.
+* ``hvp="finite_difference"``: ``H∇L ≈ (∇L(θ + εĝ) − ∇L(θ)) · ‖∇L‖/ε`` with
+  ``ĝ = ∇L/‖∇L‖``: one more forward and backward through the closure, no
+  second-order graph. ``ε = √eps · (1 + ‖θ‖)`` with ``eps`` the machine epsilon
+  of the parameters' dtype: the classic forward-difference choice balancing the
+  truncation error O(ε) against the rounding error O(eps·‖θ‖/ε) of evaluating
+  ``θ + εĝ``; it is relative to ‖θ‖ because that sets the rounding of the sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from grng.optim.base import Closure
+from grng.optim.kfac import KFAC
+from grng.optim.options import check_choice
+
+HvpMethod = Literal["exact", "finite_difference"]
+
+_NO_GRAPH = (
+    "RENG(hvp='exact') needs the gradient's autograd graph: call "
+    "loss.backward(create_graph=True) before optimizer.step(), or pass a closure that does; "
+    "or use RENG(..., hvp='finite_difference') with optimizer.step(closure). "
+    "No parameter or state was changed."
+)
+_NO_CLOSURE = (
+    "RENG(hvp='finite_difference') re-evaluates the loss at a perturbed point: call "
+    "optimizer.step(closure) with a closure that zeroes the gradients, computes the loss, "
+    "calls loss.backward() and returns the loss. No parameter or state was changed."
+)
+
+
+def _sum_of_squares(tensors: Iterable[Tensor]) -> Tensor:
+    return torch.stack([t.pow(2).sum() for t in tensors]).sum()
+
+
+class RENG(KFAC):
+    """Preconditions ``∇L + ρ H∇L`` with the Kronecker-factored Fisher.
+
+    Training loops::
+
+        # exact (default): a second-order graph, then an ordinary step
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(create_graph=True)
+        optimizer.step()
+
+        # finite differences (or exact, with create_graph=True inside): a closure
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+
+    The closure must be deterministic (no dropout) for the finite difference to
+    measure curvature rather than noise; it runs once more at ``θ + εĝ``
+    (BatchNorm running statistics see that extra forward).
+
+    Args:
+        model: the network to optimize.
+        lr: learning rate η.
+        rho: gradient-regularization strength ρ ≥ 0 (ρ = 0 is K-FAC; no
+            second-order work is done then).
+        damping: damping λ > 0.
+        hvp: ``"exact"`` or ``"finite_difference"`` (see the module docstring).
+        **kwargs: as for :class:`grng.KFAC`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.05,
+        rho: float = 1e-3,
+        damping: float = 1e-3,
+        *,
+        hvp: HvpMethod = "exact",
+        **kwargs: Any,
+    ) -> None:
+        self.hvp = check_choice("hvp", hvp, ("exact", "finite_difference"))
+        super().__init__(model, lr=lr, damping=damping, rho=rho, **kwargs)
+
+    def _search_gradients(
+        self, grads: dict[Tensor, Tensor], closure: Closure | None
+    ) -> dict[Tensor, Tensor]:
+        rho = {p: group["rho"] for group in self.param_groups for p in group["params"]}
+        if all(rho[p] == 0 for p in grads):
+            self._release_graph(grads)
+            return grads
+        if self.hvp == "exact":
+            product = self._exact_product(grads)
+        else:
+            if closure is None:
+                raise RuntimeError(_NO_CLOSURE)
+            product = self._finite_difference_product(grads, closure)
+        return {p: g.detach() + rho[p] * product[p] for p, g in grads.items()}
+
+    def _release_graph(self, grads: dict[Tensor, Tensor]) -> None:
+        for p, g in grads.items():
+            if g.grad_fn is not None:
+                p.grad = g.detach()
+
+    def _exact_product(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """``H∇L = ∇(½‖∇L‖²)`` by double backpropagation (no statistics captured)."""
+        params = [p for p, g in grads.items() if g.requires_grad]
+        if not params:
+            raise RuntimeError(_NO_GRAPH)
+        with torch.enable_grad(), self.capture.paused():
+            half_sq_norm = 0.5 * _sum_of_squares(grads[p] for p in params)
+            try:
+                product = torch.autograd.grad(
+                    half_sq_norm, params, retain_graph=True, allow_unused=True
+                )
+            except RuntimeError as error:
+                raise RuntimeError(
+                    self._explain_double_backward_failure(params, grads, error)
+                ) from error
+        self._release_graph(grads)
+        out = {p: torch.zeros_like(p) for p in grads}
+        out.update({p: h.detach() for p, h in zip(params, product, strict=True) if h is not None})
+        return out
+
+    def _explain_double_backward_failure(
+        self, params: list[Tensor], grads: dict[Tensor, Tensor], error: RuntimeError
+    ) -> str:
+        """Name the module whose backward cannot be differentiated.
+
+        The gradient of a module's parameters flows through the backward of every
+        module after it, so double backward fails for the parameters of the culprit
+        and of everything before it: the culprit is the last module that fails.
+        """
+        differentiated = {id(p) for p in params}
+        failing = []
+        for name, module in self.model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in differentiated]
+            if not own:
+                continue
+            with torch.enable_grad():
+                try:
+                    torch.autograd.grad(
+                        0.5 * _sum_of_squares(grads[p] for p in own),
+                        own,
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
+                except RuntimeError:
+                    failing.append(name or type(module).__name__)
+        where = (
+            f"module {failing[-1]!r} (or a parameter-free operation right after it)"
+            if failing
+            else "an operation of the model"
+        )
+        return (
+            f"RENG(hvp='exact'): double backward is not implemented for {where}: {error}. "
+            "Use RENG(..., hvp='finite_difference'), which needs no double backward."
+        )
+
+    def _finite_difference_product(
+        self, grads: dict[Tensor, Tensor], closure: Closure
+    ) -> dict[Tensor, Tensor]:
+        """``(∇L(θ + εĝ) − ∇L(θ))·‖g‖/ε``; θ and ``.grad`` are restored exactly."""
+        params = list(grads)
+        clean = [grads[p].detach() for p in params]
+        dtype = params[0].dtype
+        norm = torch.sqrt(_sum_of_squares(g.double() for g in clean))
+        theta_norm = torch.sqrt(_sum_of_squares(p.detach().double() for p in params))
+        epsilon = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm)
+        # A zero gradient has a zero product; the clamp only avoids 0/0.
+        shift = (epsilon / norm.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, g in zip(params, clean, strict=True):
+                    p.add_(g * shift.to(p.dtype))
+            with torch.enable_grad(), self.capture.paused():
+                closure()
+            perturbed = [
+                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for p in params
+            ]
+        finally:
+            with torch.no_grad():
+                for p, original, g in zip(params, saved, clean, strict=True):
+                    p.copy_(original)
+                    p.grad = g
+        scale = (norm / epsilon).to(dtype)
+        return {
+            p: (g_plus - g) * scale.to(p.dtype)
+            for p, g_plus, g in zip(params, perturbed, clean, strict=True)
+        }

@@ -1,0 +1,225 @@
+"""RENG: H∇L against autograd's HVP, finite differences, the ρ = 0 limit and misuse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import grng
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _data(n: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _hvp_reference(model, x, y):
+    """H∇L with torch.autograd.functional.hvp on the flat parameter vector."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss_of(theta):
+        tensors, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            tensors[n] = theta[offset : offset + s.numel()].reshape(s)
+            offset += s.numel()
+        return F.cross_entropy(torch.func.functional_call(model, tensors, (x,)), y)
+
+    grad = torch.autograd.grad(loss_of(flat.requires_grad_()), flat)[0].detach()
+    _, hv = torch.autograd.functional.hvp(loss_of, flat.detach(), grad)
+    return hv
+
+
+def _search_direction(optimizer, model, x, y, *, create_graph=True, closure=None):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(create_graph=create_graph)
+    grads = {p: p.grad for p in model.parameters()}
+    return optimizer._search_gradients(grads, closure)
+
+
+def test_exact_hessian_gradient_product_equals_autograd_hvp():
+    model = _net()
+    x, y = _data()
+    optimizer = grng.RENG(model, rho=1.0)
+    search = _search_direction(optimizer, model, x, y)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    product = torch.cat([search[p].flatten() for p in model.parameters()]) - grad
+    torch.testing.assert_close(product, _hvp_reference(model, x, y), rtol=1e-10, atol=1e-12)
+
+
+def test_finite_difference_agrees_with_the_exact_product():
+    model = _net()
+    x, y = _data()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer = grng.RENG(model, rho=1.0, hvp="finite_difference")
+    before = [p.detach().clone() for p in model.parameters()]
+    closure()
+    grad = {p: p.grad.clone() for p in model.parameters()}
+    search = optimizer._search_gradients({p: p.grad for p in model.parameters()}, closure)
+    product = torch.cat([(search[p] - grad[p]).flatten() for p in model.parameters()])
+    exact = _hvp_reference(model, x, y)
+    assert ((product - exact).norm() / exact.norm()).item() < 1e-4
+    # θ and the clean gradient are restored exactly.
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+        assert torch.equal(p.grad, grad[p])
+
+
+@pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
+def test_rho_zero_is_kfac(hvp):
+    x, y = _data(n=32)
+    models = [_net(), _net()]
+    kfac = grng.KFAC(models[0], lr=0.1, damping=0.05, factor_update_freq=2, inverse_update_freq=4)
+    reng = grng.RENG(
+        models[1],
+        lr=0.1,
+        rho=0.0,
+        damping=0.05,
+        hvp=hvp,
+        factor_update_freq=2,
+        inverse_update_freq=4,
+    )
+    for i in range(10):
+        xb, yb = x[(i % 4) * 8 : (i % 4 + 1) * 8], y[(i % 4) * 8 : (i % 4 + 1) * 8]
+        for model, optimizer in zip(models, (kfac, reng), strict=True):
+
+            def closure(model=model, optimizer=optimizer, xb=xb, yb=yb):
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
+def test_second_order_and_perturbed_passes_do_not_pollute_the_factors(hvp):
+    x, y = _data()
+    models = [_net(), _net()]
+    kfac = grng.KFAC(models[0], factor_update_freq=1)
+    reng = grng.RENG(models[1], rho=1.0, hvp=hvp, factor_update_freq=1)
+    for model, optimizer, create_graph in (
+        (models[0], kfac, False),
+        (models[1], reng, hvp == "exact"),
+    ):
+
+        def closure(model=model, optimizer=optimizer, create_graph=create_graph):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward(create_graph=create_graph)
+            return loss
+
+        optimizer.step(closure)
+    for key in ("layer:0", "layer:2"):
+        for name in ("activation_factor", "gradient_factor"):
+            torch.testing.assert_close(reng.state[key][name], kfac.state[key][name], rtol=0, atol=0)
+
+
+def test_step_after_create_graph_backward_and_graph_is_released():
+    model = _net()
+    x, y = _data()
+    optimizer = grng.RENG(model, rho=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward(create_graph=True)
+    optimizer.step()
+    assert all(p.grad.grad_fn is None for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("hvp", "match"), [("exact", "create_graph=True"), ("finite_difference", "step\\(closure\\)")]
+)
+def test_unusable_call_raises_and_changes_nothing(hvp, match):
+    model = _net()
+    x, y = _data()
+    optimizer = grng.RENG(model, rho=0.5, hvp=hvp)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # no second-order graph, no closure
+    params = copy.deepcopy(list(model.parameters()))
+    state = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(RuntimeError, match=match):
+        optimizer.step()
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+    assert optimizer.state_dict()["state"]["counters"]["step"] == state["state"]["counters"]["step"]
+    assert "activation_factor" not in optimizer.state_dict()["state"].get("layer:0", {})
+
+
+class _DistanceLayer(nn.Module):
+    """Distances to learned centres (an RBF layer); cdist has no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(6, 6))
+
+    def forward(self, x):
+        return -torch.cdist(x, self.centres)
+
+
+def test_layer_without_double_backward_is_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _DistanceLayer(), nn.Linear(6, 3))
+    x, y = _data()
+    optimizer = grng.RENG(model, rho=0.5)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward(create_graph=True)
+    with pytest.raises(RuntimeError, match=r"module '1'.*finite_difference"):
+        optimizer.step()
+
+
+def test_reng_trains_mnist1d_mlp_above_chance():
+    mnist1d_data = pytest.importorskip("mnist1d.data")
+    args = mnist1d_data.get_dataset_args()
+    args.num_samples = 2000
+    data = mnist1d_data.make_dataset(args)
+    to = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    x, y, x_test, y_test = (
+        to(data["x"]),
+        torch.tensor(data["y"]),
+        to(data["x_test"]),
+        torch.tensor(data["y_test"]),
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    ).float()
+    optimizer = grng.RENG(model)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        index = torch.randint(0, len(x), (128,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[index]), y[index]).backward(create_graph=True)
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    assert accuracy > 0.4, accuracy
