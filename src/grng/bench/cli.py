@@ -1,0 +1,335 @@
+"""``grng bench``: the command line of the benchmark (parsing and validation only).
+
+::
+
+    grng bench [options]            # tune + seeded runs, then summary.md/.csv and plots
+    grng bench overhead [options]   # step time and memory relative to AdamW vs model size
+    python -m grng.bench [options]  # same as ``grng bench``
+
+Bad input (unknown task or optimizer, missing data, unusable values) prints one line
+``grng bench: error: ...`` on stderr and returns exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from grng.bench.optimizers import OPTIMIZERS, get_optimizer
+from grng.bench.tasks import TASKS, DataNotFoundError, Task, TaskData, get_task
+
+__all__ = ["main"]
+
+PROG = "grng bench"
+DEFAULT_TASKS = "mnist1d-mlp,mnist1d-cnn"
+DEFAULT_STEPS, DEFAULT_TUNE_STEPS = 1000, 500
+# --quick: smoke-sized (seconds per task), for tests and CI.
+QUICK = {"steps": 20, "tune_steps": 20, "batch_size": 32, "lr_grid": 2, "seeds": 2,
+         "eval_every": 10, "hessian_iters": 3, "hessian_batch": 64}  # fmt: skip
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage dump) and raise :class:`UsageError`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return list(dict.fromkeys(names))  # drop duplicates, keep order
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where to train (default: cpu)")  # fmt: skip
+    p.add_argument("--optimizers", type=_names, default=list(OPTIMIZERS), metavar="A,B,...",
+                   help=f"optimizers to compare (default: all available: {','.join(OPTIMIZERS)})")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``grng`` parser: ``grng bench [options]`` and ``grng bench overhead [options]``."""
+    root = _Parser(prog="grng", description="grng command line.")
+    sub = root.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    bench = sub.add_parser(
+        "bench",
+        help="run the optimizer benchmark",
+        description=(
+            "Compare optimizers under one protocol: per task and optimizer, a learning-rate "
+            "grid of --lr-grid values log-spaced over [default/10, default*10] is scored on "
+            "the validation split (--tune-steps each, seed 0), then --seeds runs (seeds "
+            "1..S) at the chosen rate report the test metric. Same steps, batch size and "
+            "warm-up + cosine schedule for all. Results: OUT/runs.jsonl (one line per "
+            "finished run), OUT/summary.md, OUT/summary.csv, OUT/<task>.png. "
+            "See docs/benchmark.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--tasks", type=_names, default=_names(DEFAULT_TASKS), metavar="A,B,...",
+                       help=f"tasks to run; valid: {', '.join(TASKS)}")  # fmt: skip
+    _add_common(bench)
+    bench.add_argument("--steps", type=_positive_int, default=None,
+                       help=f"training steps of each reported run (default {DEFAULT_STEPS}; "
+                            f"--quick: {QUICK['steps']})")  # fmt: skip
+    bench.add_argument("--tune-steps", type=_positive_int, default=None,
+                       help=f"training steps of each tuning run (default {DEFAULT_TUNE_STEPS}, "
+                            "capped at --steps)")  # fmt: skip
+    bench.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="batch size (default: each task's own, 128 for mnist1d)")  # fmt: skip
+    bench.add_argument("--lr-grid", type=_positive_int, default=None, metavar="K",
+                       help="learning rates tried per optimizer (default 5)")  # fmt: skip
+    bench.add_argument("--seeds", type=_positive_int, default=None,
+                       help="seeded runs reported per optimizer (default 3)")  # fmt: skip
+    bench.add_argument("--eval-every", type=_positive_int, default=None,
+                       help="steps between evaluations, the resolution of steps-to-target "
+                            "(default 50)")  # fmt: skip
+    bench.add_argument("--hessian-iters", type=int, default=None,
+                       help="power iterations for the top Hessian eigenvalue at the end of "
+                            "each reported run; 0 skips it (default 20)")  # fmt: skip
+    bench.add_argument("--samples", type=_positive_int, default=None,
+                       help="mnist1d: examples generated (default 5000); shakespeare: "
+                            "characters kept; cifar: training images kept")  # fmt: skip
+    bench.add_argument("--data", default=None, metavar="PATH",
+                       help="data file for shakespeare-char / cifar (default: $GRNG_DATA_DIR, "
+                            "shared/data beside the repo, or the cache)")  # fmt: skip
+    bench.add_argument("--download", action="store_true",
+                       help="download missing data (shakespeare, cifar) into the cache")  # fmt: skip
+    bench.add_argument("--out", type=Path, default=None,
+                       help="results folder (default runs/bench-<timestamp>)")  # fmt: skip
+    bench.add_argument("--resume", action="store_true",
+                       help="continue in an existing --out folder, skipping finished runs")  # fmt: skip
+    bench.add_argument("--threads", type=_positive_int, default=1,
+                       help="torch intra-op threads; 1 is fastest for these small models "
+                            "on a shared CPU")  # fmt: skip
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke-sized suite (small data and models, "
+                            f"{QUICK['steps']} steps, grid {QUICK['lr_grid']}, "
+                            f"{QUICK['seeds']} seeds); explicit options still win")  # fmt: skip
+    bsub = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
+    over = bsub.add_parser(
+        "overhead",
+        help="step time and memory of every optimizer relative to AdamW",
+        description=(
+            "Median step time and persistent memory (parameters + gradients + optimizer "
+            "state) of every optimizer relative to AdamW on the mnist1d MLP at hidden widths "
+            "256, 512, 1024, 2048, the Conv1d net and the small char transformer. Prints a "
+            "table, writes OUT/overhead.md, OUT/overhead.csv and OUT/overhead.png."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_common(over)
+    over.add_argument("--widths", type=str, default="256,512,1024,2048",
+                      help="MLP hidden widths")  # fmt: skip
+    over.add_argument("--steps", type=_positive_int, default=20,
+                      help="timed steps per optimizer and model (after 3 warm-up steps)")  # fmt: skip
+    over.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch intra-op threads (default: all cores)")  # fmt: skip
+    over.add_argument("--out", type=Path, default=None,
+                      help="results folder (default runs/overhead-<timestamp>)")  # fmt: skip
+    over.add_argument("--quick", action="store_true",
+                      help="tiny widths and models, 2 timed steps (smoke test)")  # fmt: skip
+    return root
+
+
+def _timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _check_names(args: argparse.Namespace) -> None:
+    """Unknown names: the registries' ValueError (which lists the valid names)."""
+    try:
+        for name in getattr(args, "tasks", []):
+            get_task(name)
+        for name in args.optimizers:
+            get_optimizer(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_common(args: argparse.Namespace) -> torch.device:
+    _check_names(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(args.device)
+
+
+def _load_tasks(args: argparse.Namespace) -> dict[str, tuple[Task, TaskData]]:
+    """Load every task's data before any training, so a missing file fails at once."""
+    loaded = {}
+    for name in args.tasks:
+        task = get_task(name)
+        try:
+            data = task.load(data=args.data, download=args.download, quick=args.quick,
+                             samples=args.samples, seed=0)  # fmt: skip
+        except DataNotFoundError as exc:
+            msg = " ".join(str(exc).split())
+            raise UsageError(
+                f"{name}: data not found: {msg} (pass --data PATH, or --download)"
+            ) from None
+        except ValueError as exc:  # e.g. --samples too small for the splits
+            raise UsageError(f"{name}: {exc}") from None
+        loaded[name] = (task, data)
+    return loaded
+
+
+def _protocol(args: argparse.Namespace) -> Any:
+    from grng.bench.runner import Protocol
+
+    def pick(value: Any, key: str, default: Any) -> Any:
+        if value is not None:
+            return value
+        return QUICK[key] if args.quick else default
+
+    steps = pick(args.steps, "steps", DEFAULT_STEPS)
+    tune = pick(args.tune_steps, "tune_steps", DEFAULT_TUNE_STEPS)
+    hess = pick(args.hessian_iters, "hessian_iters", 20)
+    if hess < 0:
+        raise UsageError(f"--hessian-iters must be >= 0, got {hess}")
+    return Protocol(
+        steps=steps,
+        tune_steps=min(tune, steps),
+        batch_size=pick(args.batch_size, "batch_size", None),
+        lr_grid=pick(args.lr_grid, "lr_grid", 5),
+        seeds=pick(args.seeds, "seeds", 3),
+        eval_every=pick(args.eval_every, "eval_every", 50),
+        hessian_iters=hess,
+        hessian_batch=QUICK["hessian_batch"] if args.quick else 512,
+        quick=args.quick,
+        samples=args.samples,
+    )
+
+
+def _prepare_out(args: argparse.Namespace, config: dict[str, Any]) -> Path:
+    out: Path = args.out or Path("runs") / f"bench-{_timestamp()}"
+    config_path = out / "config.json"
+    if (out / "runs.jsonl").exists() and not args.resume:
+        raise UsageError(f"--out {out} already holds runs.jsonl; pass --resume or another --out")
+    if args.resume and config_path.exists():
+        old = json.loads(config_path.read_text(encoding="utf-8"))
+        changed = [k for k in ("protocol", "device") if old.get(k) != config.get(k)]
+        if changed:
+            raise UsageError(
+                f"--resume: {out} was run with different {', '.join(changed)} "
+                f"(was {old.get(changed[0])}); use the same options or another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from grng.bench import report
+    from grng.bench.runner import RunLog, run_suite, total_steps
+
+    device = _check_common(args)
+    protocol = _protocol(args)
+    torch.set_num_threads(args.threads)
+    config = {"protocol": asdict(protocol), "device": str(device),
+              "tasks": args.tasks, "optimizers": args.optimizers}  # fmt: skip
+    tasks = _load_tasks(args)
+    out = _prepare_out(args, config)
+    specs = [get_optimizer(n) for n in args.optimizers]
+    log = RunLog(out / "runs.jsonl")
+
+    from tqdm import tqdm
+
+    total = total_steps(len(tasks), len(specs), protocol)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="step", desc="grng bench", file=sys.stderr,
+              disable=args.quiet, dynamic_ncols=True, smoothing=0.05) as bar:  # fmt: skip
+
+        def on_record(r: dict[str, Any]) -> None:
+            bar.set_postfix_str(f"{r['task']} {r['optimizer']} lr={r['lr']:.2g} "
+                                f"{r['phase']} s{r['seed']}", refresh=False)  # fmt: skip
+
+        records = run_suite(tasks, specs, protocol, log, device, bar.update, on_record)
+    elapsed = time.perf_counter() - start
+
+    task_objs = {name: t for name, (t, _) in tasks.items()}
+    rows = report.summarize(records, task_objs, args.optimizers)
+    report.write_csv(rows, out / "summary.csv")
+    header = (
+        f"# grng bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+        f"{protocol.steps} steps (tuning {protocol.steps_for('tune')}), batch "
+        f"{protocol.batch_size or 'task default'}, lr grid {protocol.lr_grid}, "
+        f"{protocol.seeds} seeds, device {device}, {torch.get_num_threads()} thread(s); "
+        f"test metric mean ± std over seeds; this invocation took {elapsed:.0f} s."
+    )
+    text = report.write_markdown(rows, task_objs, out / "summary.md", header)
+    for name, task in task_objs.items():
+        report.plot_task(records, task, args.optimizers, out / f"{name}.png")
+    errors = [r for r in records if r.get("status") == "error"]
+    print(text)
+    print(f"results in {out}/ ({len(records)} runs; {elapsed:.0f} s)")
+    if errors:
+        print(f"warning: {len(errors)} run(s) failed; see 'error' in runs.jsonl", file=sys.stderr)
+    return 0
+
+
+def _run_overhead(args: argparse.Namespace) -> int:
+    from grng.bench import overhead
+
+    device = _check_common(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    except ValueError:
+        raise UsageError(
+            f"--widths: expected comma-separated integers, got {args.widths!r}"
+        ) from None
+    if not widths or min(widths) <= 0:
+        raise UsageError(f"--widths: expected positive integers, got {args.widths!r}")
+    out: Path = args.out or Path("runs") / f"overhead-{_timestamp()}"
+    out.mkdir(parents=True, exist_ok=True)
+    overhead.run(
+        optimizers=[get_optimizer(n) for n in args.optimizers],
+        widths=widths,
+        steps=2 if args.quick and args.steps == 20 else args.steps,
+        quick=args.quick,
+        device=device,
+        out=out,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``grng`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "bench" and args.bench_command == "overhead":
+            return _run_overhead(args)
+        return _run_bench(args)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2

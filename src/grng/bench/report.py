@@ -1,0 +1,235 @@
+"""Tables and plots from the run records (``runs.jsonl``): ``summary.md``, ``summary.csv``
+and one PNG per task. Everything here is recomputed from the records alone, so a report
+can be regenerated from a results folder at any time."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from grng.bench.tasks import Task
+
+__all__ = [
+    "SUMMARY_FIELDS",
+    "format_table",
+    "mean_std",
+    "plot_task",
+    "summarize",
+    "write_csv",
+    "write_markdown",
+]
+
+SUMMARY_FIELDS = [
+    "task",
+    "optimizer",
+    "lr",
+    "seeds",
+    "ok_seeds",
+    "test_mean",
+    "test_std",
+    "target",
+    "reached_seeds",
+    "steps_to_target",
+    "seconds_to_target",
+    "median_step_ms",
+    "step_time_vs_adamw",
+    "state_mb",
+    "peak_device_mb",
+    "mean_grad_norm",
+    "hessian_top",
+]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1; 0 for a single value); ``None`` if empty."""
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def summarize(
+    records: Iterable[dict[str, Any]], tasks: dict[str, Task], optimizers: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One row per (task, optimizer) from the ``final`` runs (see :data:`SUMMARY_FIELDS`).
+
+    * ``test_mean``/``test_std``: the task metric on the test split at the end of training,
+      over the seeds that finished (``ok_seeds``); diverged seeds are counted, not averaged.
+    * ``steps_to_target``/``seconds_to_target``: mean over the seeds that reached the target
+      (``reached_seeds`` of them), at the resolution of the evaluation interval; seconds
+      are training time only (evaluations excluded).
+    * ``median_step_ms``: median over seeds of each run's median step time;
+      ``step_time_vs_adamw`` divides it by AdamW's on the same task in the same suite.
+    * ``state_mb``: parameters + gradients + optimizer state tensors (MiB).
+    """
+    finals = [r for r in records if r.get("phase") == "final"]
+    rows: list[dict[str, Any]] = []
+    for task_name, task in tasks.items():
+        by_opt = {o: [r for r in finals if r["task"] == task_name and r["optimizer"] == o]
+                  for o in optimizers}  # fmt: skip
+        step_ms = {
+            o: (statistics.median(vals) * 1e3 if vals else None)
+            for o, runs in by_opt.items()
+            for vals in [[r["median_step_seconds"] for r in runs if r.get("median_step_seconds")]]
+        }
+        for opt in optimizers:
+            runs = by_opt[opt]
+            if not runs:
+                continue
+            ok = [r for r in runs if r.get("test_score") is not None]
+            mean, std = mean_std([r["test_score"] for r in ok])
+            reached = [r for r in ok if r.get("steps_to_target") is not None]
+            base = step_ms.get("adamw")
+            ms = step_ms[opt]
+            state = _mean(
+                (r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"]) / 2**20
+                for r in runs
+                if "param_bytes" in r
+            )
+            peak = _mean(r["peak_device_bytes"] / 2**20 for r in runs if r.get("peak_device_bytes"))
+            rows.append(
+                {
+                    "task": task_name,
+                    "optimizer": opt,
+                    "lr": runs[0]["lr"],
+                    "seeds": len(runs),
+                    "ok_seeds": len(ok),
+                    "test_mean": mean,
+                    "test_std": std,
+                    "target": task.target,
+                    "reached_seeds": len(reached),
+                    "steps_to_target": _mean(r["steps_to_target"] for r in reached),
+                    "seconds_to_target": _mean(r["seconds_to_target"] for r in reached),
+                    "median_step_ms": ms,
+                    "step_time_vs_adamw": ms / base if ms is not None and base else None,
+                    "state_mb": state,
+                    "peak_device_mb": peak,
+                    "mean_grad_norm": _mean(r.get("mean_grad_norm") for r in ok),
+                    "hessian_top": _mean(r.get("hessian_top") for r in ok),
+                }
+            )
+    return rows
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """``summary.csv``: :data:`SUMMARY_FIELDS`, empty cells for missing values."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_FIELDS})
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def format_table(rows: Sequence[dict[str, Any]], task: Task) -> str:
+    """A Markdown table of one task's rows, headed by the task, its metric and target."""
+    direction = "≥" if task.higher_is_better else "≤"
+    lines = [
+        f"### {task.name}: {task.metric} (target {direction} {task.target:g})",
+        "",
+        "| optimizer | lr | "
+        f"{task.metric} | steps to target | s to target | step time ×AdamW "
+        "| state MiB | mean ‖g‖ | λmax(H) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["task"] != task.name:
+            continue
+        metric = (
+            f"{r['test_mean']:.3f} ± {r['test_std']:.3f}" if r["test_mean"] is not None else "—"
+        )
+        if r["ok_seeds"] < r["seeds"]:
+            metric += f" ({r['seeds'] - r['ok_seeds']} diverged)"
+        partial = (
+            f" ({r['reached_seeds']}/{r['ok_seeds']})"
+            if 0 < r["reached_seeds"] < r["ok_seeds"]
+            else ""
+        )
+        rel = r["step_time_vs_adamw"]
+        rel_s = f"{rel:.2f}" if rel is not None else f"{_fmt(r['median_step_ms'], '.2f')} ms"
+        lines.append(
+            f"| {r['optimizer']} | {r['lr']:.3g} | {metric} "
+            f"| {_fmt(r['steps_to_target'], '.0f')}{partial} "
+            f"| {_fmt(r['seconds_to_target'], '.2f')}{partial} | {rel_s} "
+            f"| {_fmt(r['state_mb'], '.2f')} | {_fmt(r['mean_grad_norm'], '.3f')} "
+            f"| {_fmt(r['hessian_top'], '.3g')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_markdown(
+    rows: Sequence[dict[str, Any]], tasks: dict[str, Task], path: Path, header: str = ""
+) -> str:
+    """``summary.md``: the header, then one table per task; returns the text."""
+    parts = [header] if header else []
+    parts += [format_table(rows, task) for task in tasks.values()]
+    text = "\n\n".join(parts) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def _band(series: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Per-position mean, min and max across seeds (truncated to the shortest)."""
+    n = min(len(s) for s in series)
+    cols = [[s[i] for s in series] for i in range(n)]
+    return [statistics.fmean(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols]
+
+
+def plot_task(
+    records: Iterable[dict[str, Any]], task: Task, optimizers: Sequence[str], path: Path
+) -> None:
+    """One figure for ``task``: training loss vs steps, test metric vs training seconds,
+    gradient norm vs steps; one line per optimizer (mean over seeds) with a min–max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finals = [
+        r
+        for r in records
+        if r.get("phase") == "final" and r["task"] == task.name and r.get("status") == "ok"
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=80)
+    colors = plt.get_cmap("tab10")
+    for i, opt in enumerate(optimizers):
+        runs = [r["curves"] for r in finals if r["optimizer"] == opt]
+        if not runs:
+            continue
+        c = colors(i % 10)
+        panels = [
+            (axes[0], "log_step", "train_loss"),
+            (axes[1], "eval_seconds", "test_score"),
+            (axes[2], "log_step", "grad_norm"),
+        ]
+        for ax, xs, ys in panels:
+            if not all(cv[ys] for cv in runs):
+                continue
+            x, _, _ = _band([cv[xs] for cv in runs])
+            mean, lo, hi = _band([cv[ys] for cv in runs])
+            n = min(len(x), len(mean))
+            ax.plot(x[:n], mean[:n], color=c, label=opt, lw=1.3)
+            ax.fill_between(x[:n], lo[:n], hi[:n], color=c, alpha=0.2, lw=0)
+    axes[0].set(xlabel="step", ylabel="training loss (window mean)", yscale="log")
+    axes[1].set(xlabel="training time (s)", ylabel=task.metric)
+    axes[1].axhline(task.target, color="k", ls=":", lw=1)
+    axes[2].set(xlabel="step", ylabel="‖∇L(θ)‖ (mini-batch)", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{task.name}: mean over seeds, band = min–max", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,465 @@
+"""The benchmark protocol: training one run, tuning the learning rate, the seeded finals.
+
+Every optimizer gets exactly the same treatment (``docs/benchmark.md`` states it for
+readers):
+
+* the same step budget, batch size, batch stream per seed and model initialisation per
+  seed; the same learning-rate schedule, linear warm-up then cosine decay to zero, applied
+  as a multiplier of each optimizer's own ``lr`` through ``LambdaLR``;
+* the same tuning budget: ``lr_grid`` runs (seed 0) at learning rates log-spaced over
+  ``[default / 10, default × 10]`` around the optimizer's default, scored by the task's
+  metric on the *validation* split at the end of training (never the test split);
+* then ``seeds`` runs (seeds 1..S, none of them the tuning seed) at the chosen rate, which
+  are the ones reported.
+
+Every finished run is one JSON object appended (and flushed, fsync'ed) to ``runs.jsonl``
+as soon as it ends, so an interrupted suite keeps what it finished and ``--resume``
+skips it (key: task, optimizer, lr, seed, phase). A run is the unit of work; mid-run
+checkpoints could be added later by saving ``model``/``optimizer``/``scheduler`` state,
+the batch generator's state and the :class:`_Curves` accumulators every N steps inside
+:func:`train_run`'s loop, keyed like the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from grng.bench.optimizers import OptimizerSpec, math_attention
+from grng.bench.tasks import Task, TaskData
+
+__all__ = [
+    "Phase",
+    "Protocol",
+    "RunKey",
+    "RunLog",
+    "RunSpec",
+    "choose_lr",
+    "hessian_top_eigenvalue",
+    "lr_grid",
+    "state_bytes",
+    "train_run",
+    "warmup_cosine",
+]
+
+Phase = Literal["tune", "final"]
+
+#: The tuning runs use this seed; the reported runs use seeds 1..S so that no reported
+#: number comes from a run that also picked the learning rate.
+TUNE_SEED = 0
+#: Seed of the fixed training batch the Hessian eigenvalue is measured on (same for all).
+HESSIAN_BATCH_SEED = 12345
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The knobs shared by every run of one suite (stored in ``config.json``)."""
+
+    steps: int = 1000
+    batch_size: int | None = None  # None: each task's default_batch_size
+    tune_steps: int | None = None  # None: same as steps
+    lr_grid: int = 5
+    seeds: int = 3
+    warmup_fraction: float = 0.05
+    eval_every: int = 50
+    hessian_iters: int = 20
+    hessian_batch: int = 512
+    quick: bool = False
+    samples: int | None = None
+
+    def batch_for(self, task: Task) -> int:
+        return self.batch_size if self.batch_size is not None else task.default_batch_size
+
+    def steps_for(self, phase: Phase) -> int:
+        if phase == "tune" and self.tune_steps is not None:
+            return self.tune_steps
+        return self.steps
+
+
+def lr_grid(default: float, k: int) -> list[float]:
+    """``k`` learning rates log-spaced over ``[default/10, default×10]`` (``k = 1``: the
+    default alone; ``k = 5``: default × {1/10, 1/√10, 1, √10, 10})."""
+    if k < 1:
+        raise ValueError(f"lr grid size must be >= 1, got {k}")
+    if k == 1:
+        return [default]
+    return [default * 10 ** (-1 + 2 * i / (k - 1)) for i in range(k)]
+
+
+def warmup_cosine(steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """LR multiplier for step ``s`` (0-based): linear warm-up over the first
+    ``warmup_fraction`` of the steps (from 1/warmup to 1), then cosine decay to 0."""
+    warmup = max(1, round(steps * warmup_fraction)) if warmup_fraction > 0 else 0
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        span = max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup) / span)))
+
+    return factor
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the suite."""
+
+    task: str
+    optimizer: str
+    lr: float
+    seed: int
+    phase: Phase
+
+    @property
+    def key(self) -> RunKey:
+        return run_key(self.task, self.optimizer, self.lr, self.seed, self.phase)
+
+
+RunKey = tuple[str, str, str, int, str]
+
+
+def run_key(task: str, optimizer: str, lr: float, seed: int, phase: str) -> RunKey:
+    """Identity of a run in ``runs.jsonl``; the rate is rounded so that recomputing a grid
+    point gives the same key."""
+    return (task, optimizer, f"{lr:.6g}", int(seed), phase)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def state_bytes(model: nn.Module, optimizer: Optimizer) -> dict[str, int]:
+    """Persistent training memory in bytes: parameters, their gradients (counted as one
+    parameter-sized buffer whether or not currently allocated), and every tensor held in
+    ``optimizer.state`` (moments, curvature factors, inverses, eigenbases), each storage
+    counted once. Activations are excluded: they are the same for every optimizer."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    seen: set[int] = {p.data_ptr() for p in model.parameters()}
+    opt = 0
+    for t in _tensors(dict(optimizer.state)):
+        if t.numel() == 0 or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        opt += t.numel() * t.element_size()
+    return {"param_bytes": params, "grad_bytes": params, "optimizer_state_bytes": opt}
+
+
+def hessian_top_eigenvalue(
+    model: nn.Module, task: Task, x: Tensor, y: Tensor, iters: int = 20, seed: int = 0
+) -> float:
+    """Largest-magnitude eigenvalue of the training-loss Hessian on one fixed batch, by
+    power iteration with Hessian-vector products (double backprop); returns the Rayleigh
+    quotient ``vᵀHv`` of the last iterate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen).to(p) for p in params]
+    with math_attention():
+        loss = task.loss(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        eig = float("nan")
+        for _ in range(iters):
+            norm = torch.sqrt(sum((u * u).sum() for u in v))  # type: ignore[arg-type]
+            v = [u / norm for u in v]
+            hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            eig = float(sum((a * b).sum() for a, b in zip(v, hv, strict=True)))
+            v = [h.detach() for h in hv]
+    return eig
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Curves:
+    """Per-run traces: window means of the training loss and gradient norm every
+    ``log_every`` steps, and evaluations every ``eval_every`` steps."""
+
+    log_step: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)  # training time only
+    val_score: list[float] = field(default_factory=list)
+    test_score: list[float] = field(default_factory=list)
+
+
+def _grad_norm(params: Iterable[Tensor]) -> Tensor:
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def train_run(
+    run: RunSpec,
+    task: Task,
+    spec: OptimizerSpec,
+    data: TaskData,
+    protocol: Protocol,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train one run and return its record (the JSON line).
+
+    Timing covers the training steps only (``train_step``), not evaluations. Evaluations
+    run every ``eval_every`` steps and at the end: the validation split always, the test
+    split only in the ``final`` phase (tuning never looks at test). A non-finite training
+    loss stops the run with status ``"diverged"``.
+    """
+    steps = protocol.steps_for(run.phase)
+    batch_size = protocol.batch_for(task)
+    torch.manual_seed(run.seed)  # any stochasticity inside optimizers (Sophia's sampling)
+    model = task.build_model(run.seed, data=data, quick=protocol.quick).to(device)
+    optimizer = spec.factory(model, run.lr)
+    scheduler = LambdaLR(optimizer, warmup_cosine(steps, protocol.warmup_fraction))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # The gradient norm at θ, read just before the update: a pre-hook sees it for every
+    # strategy (SAM's first pass, Sophia's step before its Hessian pass, RENG's graph).
+    norm_sum: list[Tensor] = []
+
+    def record_norm(_opt: Optimizer, _args: Any, _kwargs: Any) -> None:
+        norm_sum.append(_grad_norm(params))
+
+    hook = optimizer.register_step_pre_hook(record_norm)
+
+    generator = torch.Generator().manual_seed(run.seed)
+    batches = task.batches(data, batch_size, generator)
+    log_every = max(1, steps // 100)
+    curves = _Curves()
+    step_times: list[float] = []
+    status, error = "ok", None
+    loss_window: list[Tensor] = []
+    final = run.phase == "final"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_seconds = 0.0
+    wall_start = time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        curves.eval_step.append(step)
+        curves.eval_seconds.append(train_seconds)
+        curves.val_score.append(task.score(task.evaluate(model, data, "val")))
+        if final:
+            curves.test_score.append(task.score(task.evaluate(model, data, "test")))
+
+    done = 0
+    for step in range(steps):
+        x, y = next(batches)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = spec.train_step(model, optimizer, task, x, y)
+        scheduler.step()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        train_seconds += dt
+        loss_window.append(loss)
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            window = torch.stack(loss_window).float()
+            norms = torch.stack(norm_sum[-len(loss_window) :]) if norm_sum else window * 0
+            loss_window.clear()
+            curves.log_step.append(done)
+            curves.train_loss.append(float(window.mean()))
+            curves.grad_norm.append(float(norms.float().mean()))
+            if not math.isfinite(curves.train_loss[-1]):
+                status = "diverged"
+                break
+        if done % protocol.eval_every == 0 or done == steps:
+            evaluate(done)
+        if progress is not None:
+            progress(1)
+    hook.remove()
+    if progress is not None and done < steps:
+        progress(steps - done)
+
+    record: dict[str, Any] = {
+        **asdict(run),
+        "status": status,
+        "error": error,
+        "steps": steps,
+        "steps_done": done,
+        "batch_size": batch_size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "train_seconds": train_seconds,
+        "wall_seconds": None,
+        "median_step_seconds": statistics.median(step_times) if step_times else None,
+        "curves": asdict(curves),
+    }
+    # Scores: the last evaluation; a diverged run has none (worst in every comparison).
+    if status == "ok":
+        record["val_score"] = _finite_or_none(curves.val_score[-1])
+        record["test_score"] = _finite_or_none(curves.test_score[-1]) if final else None
+    else:
+        record["val_score"] = record["test_score"] = None
+    record["final_train_loss"] = (
+        _finite_or_none(curves.train_loss[-1]) if curves.train_loss else None
+    )
+    all_norms = torch.stack(norm_sum).float() if norm_sum else torch.zeros(0)
+    record["mean_grad_norm"] = _finite_or_none(float(all_norms.mean())) if norm_sum else None
+    reached = [
+        (s, sec)
+        for s, sec, v in zip(curves.eval_step, curves.eval_seconds, curves.test_score, strict=False)
+        if task.reached(v)
+    ]
+    record["steps_to_target"] = reached[0][0] if reached else None
+    record["seconds_to_target"] = reached[0][1] if reached else None
+    record.update(state_bytes(model, optimizer))
+    record["peak_device_bytes"] = (
+        torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    )
+    record["hessian_top"] = None
+    if final and status == "ok" and protocol.hessian_iters > 0:
+        hgen = torch.Generator().manual_seed(HESSIAN_BATCH_SEED)
+        hx, hy = next(task.batches(data, protocol.hessian_batch, hgen))
+        try:
+            record["hessian_top"] = _finite_or_none(
+                hessian_top_eigenvalue(model, task, hx, hy, protocol.hessian_iters)
+            )
+        except RuntimeError as exc:  # e.g. a layer without double backward
+            print(f"warning: Hessian eigenvalue failed for {run}: {exc}", file=sys.stderr)
+    record["wall_seconds"] = time.perf_counter() - wall_start
+    return record
+
+
+def choose_lr(records: Iterable[dict[str, Any]], task: Task) -> float | None:
+    """The tuning run's rate with the best validation score (ties: the smaller rate);
+    ``None`` when every tuning run diverged."""
+    scored = [r for r in records if r.get("val_score") is not None]
+    if not scored:
+        return None
+    sign = 1.0 if task.higher_is_better else -1.0
+    best = max(scored, key=lambda r: (sign * r["val_score"], -r["lr"]))
+    return float(best["lr"])
+
+
+class RunLog:
+    """``runs.jsonl``: one JSON object per finished run, appended and flushed at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if path.exists():
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        self.records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        # A line cut short by a kill mid-write: that run is simply redone.
+                        continue
+
+    def finished(self) -> set[RunKey]:
+        return {
+            run_key(r["task"], r["optimizer"], r["lr"], r["seed"], r["phase"]) for r in self.records
+        }
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        line = json.dumps(record, allow_nan=False) + "\n"
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def of(self, task: str, optimizer: str, phase: Phase) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.records
+            if r["task"] == task and r["optimizer"] == optimizer and r["phase"] == phase
+        ]
+
+
+def _error_record(run: RunSpec, exc: BaseException) -> dict[str, Any]:
+    return {
+        **asdict(run),
+        "status": "error",
+        "error": f"{type(exc).__name__}: {exc}",
+        "val_score": None,
+        "test_score": None,
+    }
+
+
+def run_suite(
+    tasks: dict[str, tuple[Task, TaskData]],
+    optimizers: list[OptimizerSpec],
+    protocol: Protocol,
+    log: RunLog,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Tune, then run the seeded finals, for every task and optimizer; skip runs already in
+    ``log``. Returns every record of this suite (old and new). A run that raises is
+    recorded with status ``"error"`` (and reported on stderr) so that one broken optimizer
+    does not stop the suite; ``KeyboardInterrupt`` stops it, keeping the finished rows."""
+    done = log.finished()
+
+    def execute(run: RunSpec, task: Task, spec: OptimizerSpec, data: TaskData) -> None:
+        if run.key in done:
+            if progress is not None:
+                progress(protocol.steps_for(run.phase))
+            return
+        try:
+            record = train_run(run, task, spec, data, protocol, device, progress)
+        except Exception as exc:  # recorded, reported, and the suite goes on
+            print(f"error: {run.optimizer} on {run.task} (lr {run.lr:.3g}, seed "
+                  f"{run.seed}): {type(exc).__name__}: {exc}", file=sys.stderr)  # fmt: skip
+            record = _error_record(run, exc)
+        log.append(record)
+        done.add(run.key)
+        if on_record is not None:
+            on_record(record)
+
+    for task_name, (task, data) in tasks.items():
+        for spec in optimizers:
+            for lr in lr_grid(spec.default_lr, protocol.lr_grid):
+                execute(RunSpec(task_name, spec.name, lr, TUNE_SEED, "tune"), task, spec, data)
+            best = choose_lr(log.of(task_name, spec.name, "tune"), task)
+            for seed in range(1, protocol.seeds + 1):
+                if best is None:  # every rate diverged: nothing to report, skip the finals
+                    if progress is not None:
+                        progress(protocol.steps_for("final"))
+                    continue
+                execute(RunSpec(task_name, spec.name, best, seed, "final"), task, spec, data)
+    keys = {(t, o.name) for t in tasks for o in optimizers}
+    return [r for r in log.records if (r["task"], r["optimizer"]) in keys]
+
+
+def total_steps(n_tasks: int, n_optimizers: int, protocol: Protocol) -> int:
+    """Training steps of a whole suite, for the progress bar's ETA."""
+    per_opt = protocol.lr_grid * protocol.steps_for("tune") + protocol.seeds * protocol.steps
+    return n_tasks * n_optimizers * per_opt
