@@ -122,7 +122,10 @@ def _plot(rows: list[dict[str, Any]], optimizers: Sequence[str], path: Path) -> 
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=80)
     for i, opt in enumerate(optimizers):
-        pts = sorted((r["width"], r) for r in rows if r["optimizer"] == opt and r["width"])
+        pts = sorted(
+            ((r["width"], r) for r in rows if r["optimizer"] == opt and r["width"]),
+            key=lambda p: p[0],
+        )
         if not pts or pts[0][1].get("mean_rel") is None:
             continue
         ws = [w for w, _ in pts]
@@ -160,7 +163,8 @@ def run(
         specs.insert(0, get_optimizer("adamw"))
     from tqdm import tqdm
 
-    configs = model_configs(widths if not quick else [min(16, w) for w in widths[:2]], quick)
+    # --quick: two tiny widths, whatever --widths says (a smoke test of the whole path).
+    configs = model_configs([8, 16] if quick else widths, quick)
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(configs) * len(specs), desc="overhead", file=sys.stderr,
               disable=not progress) as bar:  # fmt: skip
