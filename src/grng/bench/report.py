@@ -217,8 +217,9 @@ def plot_task(
         for ax, xs, ys in panels:
             if not all(cv[ys] for cv in runs):
                 continue
-            x, _, _ = _band([cv[xs] for cv in runs])
-            mean, lo, hi = _band([cv[ys] for cv in runs])
+            # null (a non-finite value in the JSON) plots as a gap
+            x, _, _ = _band([[math.nan if v is None else v for v in cv[xs]] for cv in runs])
+            mean, lo, hi = _band([[math.nan if v is None else v for v in cv[ys]] for cv in runs])
             n = min(len(x), len(mean))
             ax.plot(x[:n], mean[:n], color=c, label=opt, lw=1.3)
             ax.fill_between(x[:n], lo[:n], hi[:n], color=c, alpha=0.2, lw=0)

@@ -364,6 +364,17 @@ def choose_lr(records: Iterable[dict[str, Any]], task: Task) -> float | None:
     return float(best["lr"])
 
 
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats (a diverged run's curves) become ``null``: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 class RunLog:
     """``runs.jsonl``: one JSON object per finished run, appended and flushed at once."""
 
@@ -388,6 +399,7 @@ class RunLog:
         }
 
     def append(self, record: dict[str, Any]) -> None:
+        record = _json_safe(record)
         self.records.append(record)
         line = json.dumps(record, allow_nan=False) + "\n"
         with self.path.open("a", encoding="utf-8") as f:
