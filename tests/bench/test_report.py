@@ -32,6 +32,8 @@ def test_summary_rows_and_tables(tmp_path: Path) -> None:
         rec("kfac", 1, 0.80, 100, 3.0), rec("kfac", 2, None, None, 3.3),
         {"task": "mnist1d-mlp", "optimizer": "kfac", "phase": "tune", "lr": 1.0, "seed": 0,
          "status": "ok", "val_score": 0.1, "test_score": None},
+        {"task": "mnist1d-mlp", "optimizer": "kfac", "phase": "tune", "lr": 0.01, "seed": 0,
+         "status": "ok", "val_score": 0.2, "test_score": None},
     ]  # fmt: skip
     rows = report.summarize(records, tasks, ["adamw", "kfac", "sgd"])
     assert [r["optimizer"] for r in rows] == ["adamw", "kfac"]  # sgd has no runs
@@ -47,7 +49,9 @@ def test_summary_rows_and_tables(tmp_path: Path) -> None:
     table = report.format_table(rows, tasks["mnist1d-mlp"])
     assert "target ≥ 0.6" in table
     assert "| adamw | 0.01 | 0.650 ± 0.050 | 300 (2/3) | 3.00 (2/3) | 1.00 |" in table
-    assert "0.800 ± 0.000 (1 diverged)" in table
+    assert "| kfac | 0.01† | 0.800 ± 0.000 (1 diverged) |" in table
+    assert "† the chosen rate is at the edge" in table
+    assert (a["lr_at_edge"], k["lr_at_edge"]) == (False, True)
 
     report.write_csv(rows, tmp_path / "s.csv")
     with (tmp_path / "s.csv").open() as f:

@@ -27,6 +27,7 @@ SUMMARY_FIELDS = [
     "task",
     "optimizer",
     "lr",
+    "lr_at_edge",
     "seeds",
     "ok_seeds",
     "test_mean",
@@ -71,7 +72,9 @@ def summarize(
       ``step_time_vs_adamw`` divides it by AdamW's on the same task in the same suite.
     * ``state_mb``: parameters + gradients + optimizer state tensors (MiB).
     """
+    records = list(records)
     finals = [r for r in records if r.get("phase") == "final"]
+    tunes = [r for r in records if r.get("phase") == "tune"]
     rows: list[dict[str, Any]] = []
     for task_name, task in tasks.items():
         by_opt = {o: [r for r in finals if r["task"] == task_name and r["optimizer"] == o]
@@ -96,11 +99,16 @@ def summarize(
                 if "param_bytes" in r
             )
             peak = _mean(r["peak_device_bytes"] / 2**20 for r in runs if r.get("peak_device_bytes"))
+            grid = [r["lr"] for r in tunes if r["task"] == task_name and r["optimizer"] == opt]
+            lr = runs[0]["lr"]
             rows.append(
                 {
                     "task": task_name,
                     "optimizer": opt,
-                    "lr": runs[0]["lr"],
+                    "lr": lr,
+                    # The best rate is the grid's smallest or largest: a wider grid might
+                    # have found a better one (flagged † in the table).
+                    "lr_at_edge": len(grid) > 1 and lr in (min(grid), max(grid)),
                     "seeds": len(runs),
                     "ok_seeds": len(ok),
                     "test_mean": mean,
@@ -160,12 +168,15 @@ def format_table(rows: Sequence[dict[str, Any]], task: Task) -> str:
         rel = r["step_time_vs_adamw"]
         rel_s = f"{rel:.2f}" if rel is not None else f"{_fmt(r['median_step_ms'], '.2f')} ms"
         lines.append(
-            f"| {r['optimizer']} | {r['lr']:.3g} | {metric} "
+            f"| {r['optimizer']} | {r['lr']:.3g}{'†' if r.get('lr_at_edge') else ''} "
+            f"| {metric} "
             f"| {_fmt(r['steps_to_target'], '.0f')}{partial} "
             f"| {_fmt(r['seconds_to_target'], '.2f')}{partial} | {rel_s} "
             f"| {_fmt(r['state_mb'], '.2f')} | {_fmt(r['mean_grad_norm'], '.3f')} "
             f"| {_fmt(r['hessian_top'], '.3g')} |"
         )
+    if any(r.get("lr_at_edge") for r in rows if r["task"] == task.name):
+        lines += ["", "† the chosen rate is at the edge of the tuning grid."]
     return "\n".join(lines)
 
 
