@@ -56,7 +56,8 @@ def _configs() -> dict[str, tuple[str, dict[str, Any]]]:
     }
     # RENG and R-Kalman join once they exist (they share the base and its hooks).
     if hasattr(grng, "RENG"):
-        configs["reng"] = ("RENG", dict(COMMON))
+        # DDP averages both backward passes of the finite difference (not second-order grads).
+        configs["reng"] = ("RENG", {**COMMON, "rho": 0.1, "hvp": "finite_difference"})
     if hasattr(grng, "RKalman"):
         # No inverses to refresh; 32 kept rows = every row of the global batch,
         # so 2 ranks keep exactly what 1 process keeps.
@@ -147,9 +148,14 @@ def _train(
     rows: slice,
 ) -> None:
     for x, y in _batches():
-        optimizer.zero_grad()
-        F.cross_entropy(forward(x[rows]), y[rows]).backward()
-        optimizer.step()
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(forward(x[rows]), y[rows])
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)  # type: ignore[arg-type]
 
 
 def _named_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:

@@ -73,6 +73,10 @@ class RENG(KFAC):
             return loss
         optimizer.step(closure)
 
+    Under DistributedDataParallel use ``hvp="finite_difference"``: DDP averages
+    both of its backward passes, whereas it does not synchronise second-order
+    gradients (``hvp="exact"`` raises there).
+
     The closure must be deterministic (no dropout) for the finite difference to
     measure curvature rather than noise; it runs once more at ``θ + εĝ``
     (BatchNorm running statistics see that extra forward).
@@ -99,6 +103,14 @@ class RENG(KFAC):
     ) -> None:
         self.hvp = check_choice("hvp", hvp, ("exact", "finite_difference"))
         super().__init__(model, lr=lr, damping=damping, rho=rho, **kwargs)
+        if self.hvp == "exact" and self.distributor.world_size > 1:
+            self.capture.remove()
+            raise ValueError(
+                "hvp='exact' is not supported under torch.distributed: DistributedDataParallel "
+                "does not synchronise second-order gradients, so each rank would precondition "
+                "its own H∇L. Use RENG(..., hvp='finite_difference') with optimizer.step(closure): "
+                "both of its backward passes are averaged by DDP."
+            )
 
     def _search_gradients(
         self, grads: dict[Tensor, Tensor], closure: Closure | None
