@@ -132,7 +132,7 @@ def test_choose_lr_by_validation_score() -> None:
     assert R.choose_lr([{"lr": 1.0, "val_score": None}], up) is None
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_diverged_run_is_marked_and_unscored(tmp_path: Path) -> None:
     task = get_task("mnist1d-mlp")
     data = task.load(quick=True)
