@@ -24,7 +24,9 @@ def test_lr_grid_is_log_spaced_around_the_default() -> None:
     expected = [0.2, 2 / math.sqrt(10), 2.0, 2 * math.sqrt(10), 20.0]
     assert grid == pytest.approx(expected)
     assert R.lr_grid(3e-4, 1) == [3e-4]
-    assert R.lr_grid(1.0, 3) == pytest.approx([0.1, 1.0, 10.0])
+    # Fixed half-decade spacing: more values widen the search rather than refine it.
+    assert R.lr_grid(1.0, 3) == pytest.approx([10**-0.5, 1.0, 10**0.5])
+    assert R.lr_grid(1.0, 7) == pytest.approx([10 ** (e / 2) for e in range(-3, 4)])
     with pytest.raises(ValueError):
         R.lr_grid(1.0, 0)
 

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the optimizer benchmark",
         description=(
             "Compare optimizers under one protocol: per task and optimizer, a learning-rate "
-            "grid of --lr-grid values log-spaced over [default/10, default*10] is scored on "
+            "grid of --lr-grid values half a decade apart around each optimizer's default "
+            "(7: default*10^-1.5 .. default*10^1.5) is scored on "
             "the validation split (--tune-steps each, seed 0), then --seeds runs (seeds "
             "1..S) at the chosen rate report the test metric. Same steps, batch size and "
             "warm-up + cosine schedule for all. Results: OUT/runs.jsonl (one line per "

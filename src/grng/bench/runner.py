@@ -6,8 +6,8 @@ readers):
 * the same step budget, batch size, batch stream per seed and model initialisation per
   seed; the same learning-rate schedule, linear warm-up then cosine decay to zero, applied
   as a multiplier of each optimizer's own ``lr`` through ``LambdaLR``;
-* the same tuning budget: ``lr_grid`` runs (seed 0) at learning rates log-spaced over
-  ``[default / 10, default × 10]`` around the optimizer's default, scored by the task's
+* the same tuning budget: ``lr_grid`` runs (seed 0) at learning rates half a decade
+  apart around the optimizer's default (:func:`lr_grid`), scored by the task's
   metric on the *validation* split at the end of training (never the test split);
 * then ``seeds`` runs (seeds 1..S, none of them the tuning seed) at the chosen rate, which
   are the ones reported.
@@ -71,7 +71,7 @@ class Protocol:
     steps: int = 1000
     batch_size: int | None = None  # None: each task's default_batch_size
     tune_steps: int | None = None  # None: same as steps
-    lr_grid: int = 5
+    lr_grid: int = 7
     seeds: int = 3
     warmup_fraction: float = 0.05
     eval_every: int = 50
@@ -90,13 +90,16 @@ class Protocol:
 
 
 def lr_grid(default: float, k: int) -> list[float]:
-    """``k`` learning rates log-spaced over ``[default/10, default×10]`` (``k = 1``: the
-    default alone; ``k = 5``: default × {1/10, 1/√10, 1, √10, 10})."""
+    """``k`` learning rates half a decade apart, centred on ``default``:
+    ``default × 10^((i − (k−1)/2)/2)`` (``k = 1``: the default alone; ``k = 5``:
+    default × {1/10, 1/√10, 1, √10, 10}; ``k = 7``, the default, spans 10^±1.5).
+
+    A fixed spacing (rather than a fixed range) means a larger ``k`` widens the search
+    instead of refining it: the first full suite picked 13 of 18 rates at the edge of
+    a ×1/10..×10 grid."""
     if k < 1:
         raise ValueError(f"lr grid size must be >= 1, got {k}")
-    if k == 1:
-        return [default]
-    return [default * 10 ** (-1 + 2 * i / (k - 1)) for i in range(k)]
+    return [default * 10 ** ((i - (k - 1) / 2) / 2) for i in range(k)]
 
 
 def warmup_cosine(steps: int, warmup_fraction: float) -> Callable[[int], float]:
