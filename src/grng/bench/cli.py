@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="results folder (default runs/bench-<timestamp>)")  # fmt: skip
     bench.add_argument("--resume", action="store_true",
                        help="continue in an existing --out folder, skipping finished runs")  # fmt: skip
+    bench.add_argument("--distributed", action="store_true",
+                       help="data-parallel runs under torchrun (gloo on CPU, nccl with "
+                            "--device cuda): each rank trains on its slice of every global "
+                            "batch; rank 0 writes the results. Launch with: torchrun "
+                            "--nproc_per_node=N -m grng.bench --distributed ...")
     bench.add_argument("--threads", type=_positive_int, default=1,
                        help="torch intra-op threads; 1 is fastest for these small models "
                             "on a shared CPU")  # fmt: skip
@@ -251,26 +256,48 @@ def _run_bench(args: argparse.Namespace) -> int:
     device = _check_common(args)
     protocol = _protocol(args)
     torch.set_num_threads(args.threads)
+    info = None
+    if args.distributed:
+        from grng.distributed import init_from_env
+
+        info = init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
+        device = info.device
+    main_rank = info is None or info.is_main
+    ranks = f"{info.world_size} rank(s), {info.backend or 'no'} backend" if info else "1 process"
     config = {"protocol": asdict(protocol), "device": str(device),
               "tasks": args.tasks, "optimizers": args.optimizers}  # fmt: skip
     tasks = _load_tasks(args)
-    out = _prepare_out(args, config)
+    out = _prepare_out(args, config) if main_rank else Path()
+    if info is not None and info.world_size > 1:
+        import torch.distributed as dist
+
+        # Rank 0 has checked and created the folder (its default name has a timestamp).
+        shared: list[Any] = [str(out)]
+        dist.broadcast_object_list(shared, src=0)
+        out = Path(shared[0])
     specs = [get_optimizer(n) for n in args.optimizers]
-    log = RunLog(out / "runs.jsonl")
+    log = RunLog(out / "runs.jsonl", write=main_rank)
 
     from tqdm import tqdm
 
     total = total_steps(len(tasks), len(specs), protocol)
     start = time.perf_counter()
     with tqdm(total=total, unit="step", desc="grng bench", file=sys.stderr,
-              disable=args.quiet, dynamic_ncols=True, smoothing=0.05) as bar:  # fmt: skip
+              disable=args.quiet or not main_rank, dynamic_ncols=True,
+              smoothing=0.05) as bar:  # fmt: skip
 
         def on_record(r: dict[str, Any]) -> None:
             bar.set_postfix_str(f"{r['task']} {r['optimizer']} lr={r['lr']:.2g} "
                                 f"{r['phase']} s{r['seed']}", refresh=False)  # fmt: skip
 
-        records = run_suite(tasks, specs, protocol, log, device, bar.update, on_record)
+        records = run_suite(tasks, specs, protocol, log, device, bar.update, on_record, info)
     elapsed = time.perf_counter() - start
+    if info is not None:
+        from grng.distributed import shutdown
+
+        shutdown(info)
+    if not main_rank:
+        return 0
 
     task_objs = {name: t for name, (t, _) in tasks.items()}
     rows = report.summarize(records, task_objs, args.optimizers)
@@ -279,7 +306,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         f"# grng bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
         f"{protocol.steps} steps (tuning {protocol.steps_for('tune')}), batch "
         f"{protocol.batch_size or 'task default'}, lr grid {protocol.lr_grid}, "
-        f"{protocol.seeds} seeds, device {device}, {torch.get_num_threads()} thread(s); "
+        f"{protocol.seeds} seeds, device {device}, {ranks}, {torch.get_num_threads()} "
+        "thread(s) each; "
         f"test metric mean ± std over seeds; this invocation took {elapsed:.0f} s."
     )
     text = report.write_markdown(rows, task_objs, out / "summary.md", header)

@@ -133,7 +133,20 @@ def sophia_step(model: nn.Module, optimizer: Optimizer, task: Task, x: Tensor, y
 
 def reng_step(model: nn.Module, optimizer: Optimizer, task: Task, x: Tensor, y: Tensor) -> Tensor:
     """RENG needs the gradient's graph (its search direction is ∇L_G of the regularised
-    loss): backward with ``create_graph=True``, step, then drop the graph."""
+    loss): backward with ``create_graph=True``, step, then drop the graph. In its
+    finite-difference mode (used under DistributedDataParallel, which does not synchronise
+    second-order gradients) it steps with a closure instead."""
+    if getattr(optimizer, "hvp", "exact") == "finite_difference":
+
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = task.loss(model(x), y)
+            loss.backward()
+            return loss
+
+        with math_attention():
+            loss = cast(Tensor, optimizer.step(closure))  # type: ignore[arg-type]
+        return loss.detach()
     optimizer.zero_grad(set_to_none=True)
     with math_attention():
         loss = task.loss(model(x), y)
@@ -185,10 +198,19 @@ def _soap(model: nn.Module, lr: float) -> Optimizer:
     return SOAP(model.parameters(), lr=lr)
 
 
+def _data_parallel() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _grng(cls_name: str) -> tuple[Factory, float]:
     cls = getattr(grng, cls_name)
 
     def factory(model: nn.Module, lr: float) -> Optimizer:
+        if cls_name == "RENG" and _data_parallel():
+            # DDP averages both backward passes of a finite difference, but does not
+            # synchronise second-order gradients.
+            return cls(model, lr=lr, hvp="finite_difference")
         return cls(model, lr=lr)
 
     default = inspect.signature(cls).parameters["lr"].default

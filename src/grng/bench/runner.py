@@ -35,11 +35,13 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from grng.bench.optimizers import OptimizerSpec, math_attention
 from grng.bench.tasks import Task, TaskData
+from grng.distributed import DistributedInfo
 
 __all__ = [
     "Phase",
@@ -230,8 +232,14 @@ def train_run(
     protocol: Protocol,
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    distributed: DistributedInfo | None = None,
 ) -> dict[str, Any]:
     """Train one run and return its record (the JSON line).
+
+    With ``distributed`` (more than one rank), the model is wrapped in
+    DistributedDataParallel for the training steps, every rank draws the same global
+    batch and trains on its slice of it, and evaluations use the (identical) model on
+    every rank.
 
     Timing covers the training steps only (``train_step``), not evaluations. Evaluations
     run every ``eval_every`` steps and at the end: the validation split always, the test
@@ -242,7 +250,13 @@ def train_run(
     batch_size = protocol.batch_for(task)
     torch.manual_seed(run.seed)  # any stochasticity inside optimizers (Sophia's sampling)
     model = task.build_model(run.seed, data=data, quick=protocol.quick).to(device)
-    optimizer = spec.factory(model, run.lr)
+    parallel = distributed is not None and distributed.world_size > 1
+    forward: nn.Module = model
+    if parallel:
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = spec.factory(forward, run.lr)
     scheduler = LambdaLR(optimizer, warmup_cosine(steps, protocol.warmup_fraction))
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -278,9 +292,13 @@ def train_run(
     done = 0
     for step in range(steps):
         x, y = next(batches)
+        if parallel:
+            assert distributed is not None
+            rows = distributed.local_batch(len(x))
+            x, y = x[rows], y[rows]
         _sync(device)
         t0 = time.perf_counter()
-        loss = spec.train_step(model, optimizer, task, x, y)
+        loss = spec.train_step(forward, optimizer, task, x, y)
         scheduler.step()
         _sync(device)
         dt = time.perf_counter() - t0
@@ -315,6 +333,8 @@ def train_run(
         "batch_size": batch_size,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "ranks": distributed.world_size if distributed is not None else 1,
+        "backend": distributed.backend if distributed is not None else None,
         "train_seconds": train_seconds,
         "wall_seconds": None,
         "median_step_seconds": statistics.median(step_times) if step_times else None,
@@ -381,8 +401,11 @@ def _json_safe(obj: Any) -> Any:
 class RunLog:
     """``runs.jsonl``: one JSON object per finished run, appended and flushed at once."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, write: bool = True) -> None:
         self.path = path
+        #: Only one process writes (rank 0 under --distributed); the others keep the same
+        #: records in memory so that every rank tunes and resumes identically.
+        self.write = write
         self.records: list[dict[str, Any]] = []
         if path.exists():
             with path.open(encoding="utf-8") as f:
@@ -404,6 +427,8 @@ class RunLog:
     def append(self, record: dict[str, Any]) -> None:
         record = _json_safe(record)
         self.records.append(record)
+        if not self.write:
+            return
         line = json.dumps(record, allow_nan=False) + "\n"
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line)
@@ -436,6 +461,7 @@ def run_suite(
     device: torch.device,
     progress: Callable[[int], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    distributed: DistributedInfo | None = None,
 ) -> list[dict[str, Any]]:
     """Tune, then run the seeded finals, for every task and optimizer; skip runs already in
     ``log``. Returns every record of this suite (old and new). A run that raises is
@@ -449,7 +475,7 @@ def run_suite(
                 progress(protocol.steps_for(run.phase))
             return
         try:
-            record = train_run(run, task, spec, data, protocol, device, progress)
+            record = train_run(run, task, spec, data, protocol, device, progress, distributed)
         except Exception as exc:  # recorded, reported, and the suite goes on
             print(f"error: {run.optimizer} on {run.task} (lr {run.lr:.3g}, seed "
                   f"{run.seed}): {type(exc).__name__}: {exc}", file=sys.stderr)  # fmt: skip
