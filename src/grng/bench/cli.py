@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=_positive_int, default=None,
                        help="batch size (default: each task's own, 128 for mnist1d)")  # fmt: skip
     bench.add_argument("--lr-grid", type=_positive_int, default=None, metavar="K",
-                       help="learning rates tried per optimizer (default 5)")  # fmt: skip
+                       help="learning rates tried per optimizer, half a decade apart (default 7)")  # fmt: skip
     bench.add_argument("--seeds", type=_positive_int, default=None,
                        help="seeded runs reported per optimizer (default 3)")  # fmt: skip
     bench.add_argument("--eval-every", type=_positive_int, default=None,
@@ -214,18 +214,19 @@ def _protocol(args: argparse.Namespace) -> Any:
 
     steps = pick(args.steps, "steps", DEFAULT_STEPS)
     tune = pick(args.tune_steps, "tune_steps", DEFAULT_TUNE_STEPS)
-    hess = pick(args.hessian_iters, "hessian_iters", 20)
+    defaults = Protocol()
+    hess = pick(args.hessian_iters, "hessian_iters", defaults.hessian_iters)
     if hess < 0:
         raise UsageError(f"--hessian-iters must be >= 0, got {hess}")
     return Protocol(
         steps=steps,
         tune_steps=min(tune, steps),
         batch_size=pick(args.batch_size, "batch_size", None),
-        lr_grid=pick(args.lr_grid, "lr_grid", 5),
-        seeds=pick(args.seeds, "seeds", 3),
-        eval_every=pick(args.eval_every, "eval_every", 50),
+        lr_grid=pick(args.lr_grid, "lr_grid", defaults.lr_grid),
+        seeds=pick(args.seeds, "seeds", defaults.seeds),
+        eval_every=pick(args.eval_every, "eval_every", defaults.eval_every),
         hessian_iters=hess,
-        hessian_batch=QUICK["hessian_batch"] if args.quick else 512,
+        hessian_batch=QUICK["hessian_batch"] if args.quick else defaults.hessian_batch,
         quick=args.quick,
         samples=args.samples,
     )
