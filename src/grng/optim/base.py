@@ -116,8 +116,12 @@ class CurvatureOptimizer(Optimizer):
                 "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=params[0].device),
             }
         )
-        # Collective: every rank raises (naming the difference) rather than hanging later.
-        self.distributor.check_consistent(self._fingerprint())
+        try:
+            # Collective: every rank raises (naming the difference) rather than hanging later.
+            self.distributor.check_consistent(self._fingerprint())
+        except BaseException:
+            self.capture.remove()  # a failed constructor leaves no hook on the model
+            raise
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -180,14 +184,22 @@ class CurvatureOptimizer(Optimizer):
         if not self.is_capture_step() or not self.layers:
             return
         if self._fisher_generator is None or self._fisher_generator.device != outputs.device:
-            self._fisher_generator = torch.Generator(device=outputs.device)
-            # Offset by the rank: data-parallel ranks draw independent labels.
-            seed = int(self.counters.get("fisher_seed", 0)) + self.distributor.rank
-            self._fisher_generator.manual_seed(seed)
+            self._fisher_generator = self._new_fisher_generator(outputs.device)
         with torch.enable_grad(), self.capture.fisher_pass():
             loss = sampled_nll(outputs, likelihood, self._fisher_generator)
             weights = [layer.weight for layer in self.layers]
             torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+
+    def _new_fisher_generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        saved = self.counters.get("fisher_rng_state")
+        if saved is not None and saved.numel() == generator.get_state().numel():
+            # Resumed from a state_dict: continue the very same stream of labels.
+            generator.set_state(saved)
+        else:
+            # Offset by the rank: data-parallel ranks draw independent labels.
+            generator.manual_seed(int(self.counters.get("fisher_seed", 0)) + self.distributor.rank)
+        return generator
 
     # --------------------------------------------------------------- the step
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -494,6 +506,12 @@ class CurvatureOptimizer(Optimizer):
                 p.add_(update, alpha=-lr)
 
     # ------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """As in torch.optim; also carries the MC-Fisher sampler's RNG state."""
+        if self._fisher_generator is not None:
+            self.counters["fisher_rng_state"] = self._fisher_generator.get_state()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As in torch.optim, after checking that the state fits this model.
 
@@ -511,6 +529,7 @@ class CurvatureOptimizer(Optimizer):
                 self.state[key] = _to_device(copy.deepcopy(self.state[key]), device)
         self.capture.clear()
         self.capture.armed = self.is_capture_step()
+        self._fisher_generator = None  # recreated from the loaded RNG state on first use
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         if (
