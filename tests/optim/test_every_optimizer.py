@@ -191,3 +191,111 @@ def test_batch_of_one_and_added_param_group_train(name):
             optimizer.step(closure)
     assert extra.abs().sum() > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _factors(optimizer):
+    return {
+        k: (v["activation_factor"].clone(), v["gradient_factor"].clone())
+        for k, v in optimizer.state.items()
+        if isinstance(k, str) and k.startswith("layer:") and "activation_factor" in v
+    }
+
+
+@pytest.mark.parametrize("name", ["KFAC", "RING"])
+def test_gradient_accumulation_gives_the_full_batch_step(name):
+    torch.set_default_dtype(torch.float64)
+    try:
+        x, y = _batch(0)
+        models = [_net(), _net()]
+        whole = OPTIMIZERS[name](models[0], **FAST)
+        split = OPTIMIZERS[name](models[1], **FAST)
+        for _ in range(3):
+            whole.zero_grad()
+            F.cross_entropy(models[0](x), y).backward()
+            whole.step()
+            split.zero_grad()
+            for half in (slice(0, 8), slice(8, 16)):
+                (F.cross_entropy(models[1](x[half]), y[half]) / 2).backward()
+            split.step()
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_grad_scaler_leaves_the_factors_unchanged():
+    x, y = _batch(0)
+    models = [_net(), _net()]
+    plain, scaled = grng.KFAC(models[0]), grng.KFAC(models[1])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled.grad_scaler = scaler
+    plain.zero_grad()
+    F.cross_entropy(models[0](x), y).backward()
+    plain.step()
+    scaled.zero_grad()
+    scaler.scale(F.cross_entropy(models[1](x), y)).backward()
+    scaler.step(scaled)
+    scaler.update()
+    for key, (a, g) in _factors(plain).items():
+        a2, g2 = _factors(scaled)[key]
+        torch.testing.assert_close(a2, a)
+        torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-9)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["KFAC", "RING", "RKalman"])
+def test_bfloat16_autocast_keeps_float32_statistics_and_trains(name):
+    model = _net()
+    optimizer = OPTIMIZERS[name](model, **FAST)
+    x, y = _batch(0)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    layer = optimizer.state["layer:0"]
+    factor_key = "activation_factor" if "activation_factor" in layer else "activation_covariance"
+    assert layer[factor_key].dtype == torch.float32
+    assert torch.isfinite(layer[factor_key]).all()
+    assert losses[-1] < losses[0]
+
+
+def test_empty_batch_adds_no_statistics_and_takes_a_zero_step():
+    """An empty batch has zero gradients: no statistics, no NaN factors, no movement."""
+    model = _net()
+    optimizer = grng.RING(model, momentum=0.0, factor_update_freq=1)
+    _step("RING", model, optimizer, *_batch(0))
+    before_params, before_factors = copy.deepcopy(list(model.parameters())), _factors(optimizer)
+    x, y = _batch(1)
+    _step("RING", model, optimizer, x[:0], y[:0])  # a capture step
+    _assert_same(before_params, list(model.parameters()))
+    _assert_same(before_factors, _factors(optimizer))
+    assert optimizer.nonfinite_steps == 0
+    _step("RING", model, optimizer, *_batch(2))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_model_cast_to_float64_after_construction_keeps_training():
+    model = _net()
+    optimizer = grng.RING(model, **FAST)
+    for i in range(3):
+        _step("RING", model, optimizer, *_batch(i))
+    model.double()
+    for i in range(3, 7):
+        x, y = _batch(i)
+        _step("RING", model, optimizer, x.double(), y)
+    assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_two_optimizers_on_one_model_each_keep_their_own_state():
+    model = _net()
+    first, second = grng.KFAC(model, **FAST), grng.RING(model, **FAST)
+    for i in range(2):
+        _step("KFAC", model, first, *_batch(i))
+        _step("RING", model, second, *_batch(i))
+    assert first.steps_taken == second.steps_taken == 2
+    assert first.state["layer:0"] is not second.state["layer:0"]

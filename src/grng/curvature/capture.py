@@ -155,6 +155,8 @@ class CurvatureCapture:
             if module is layer.module
             else KroneckerLayer(layer.name, module, layer.weight, layer.bias)
         )
+        if activation.numel() == 0:
+            return  # an empty batch carries no statistics (and would make A = 0/0)
         a_rows = view.activation_rows(activation.to(dtype))
         g_rows, examples = view.gradient_rows(grad_output.to(dtype))
         sums = self._sums.get(layer.name)

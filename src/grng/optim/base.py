@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -109,6 +110,10 @@ class CurvatureOptimizer(Optimizer):
         #: Layer name -> the rank that computes its refreshed curvature when sharding.
         self.curvature_owner: dict[str, int] = self.distributor.assign(self.layers)
         self._fisher_generator: torch.Generator | None = None
+        #: A ``torch.amp.GradScaler`` whose loss scale the captured output gradients carry:
+        #: set it (``optimizer.grad_scaler = scaler``) when training with one, so that the
+        #: gradient factors are divided by the scale² on the device, without a sync.
+        self.grad_scaler: Any = None
         self._warned_nonfinite = 0
         self.named_state("counters").update(
             {
@@ -237,6 +242,8 @@ class CurvatureOptimizer(Optimizer):
         estimates = self.capture.estimates() if capturing else {}
         examples = self.capture.examples if capturing else 0
         self.capture.clear()
+        if estimates and self.grad_scaler is not None:
+            estimates = _unscale(estimates, self.grad_scaler)
         if capturing:
             # Global statistics (and example count) before anything reads them, the
             # finiteness check included, so every rank updates and skips alike.
@@ -583,6 +590,19 @@ class CurvatureOptimizer(Optimizer):
                         f"state_dict does not fit layer {layer.name!r}: {name} has shape "
                         f"{tuple(value.shape)}, expected size {expected[side]}"
                     )
+
+
+def _unscale(estimates: dict[str, FactorEstimate], scaler: Any) -> dict[str, FactorEstimate]:
+    """Remove a GradScaler's loss scale S from the gradient side: G / S², rows / S."""
+    scale = getattr(scaler, "_scale", None)
+    if scale is None or not scaler.is_enabled():
+        return estimates
+    out = {}
+    for name, e in estimates.items():
+        s = scale.to(e.gradient_factor)
+        rows = None if e.gradient_rows is None else e.gradient_rows / s
+        out[name] = replace(e, gradient_factor=e.gradient_factor / (s * s), gradient_rows=rows)
+    return out
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
