@@ -299,3 +299,33 @@ def test_two_optimizers_on_one_model_each_keep_their_own_state():
         _step("RING", model, second, *_batch(i))
     assert first.steps_taken == second.steps_taken == 2
     assert first.state["layer:0"] is not second.state["layer:0"]
+
+
+@pytest.mark.parametrize("name", ["KFAC", "RING", "RKalman"])
+def test_kl_clip_bounds_the_step(name):
+    """ν = min(1, sqrt(κ / (lr² ⟨Δ, g⟩))): the clipped step has lr² ν² ⟨Δ, g⟩ = κ."""
+    kappa, lr = 1e-4, 1.0
+    x, y = _batch(0)
+    steps, grads = [], None
+    for clip in (None, kappa):
+        model = _net()
+        optimizer = OPTIMIZERS[name](model, lr=lr, momentum=0.0, kl_clip=clip, **FAST)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        optimizer.step()
+        steps.append(
+            torch.cat(
+                [
+                    (b - p.detach()).flatten()
+                    for b, p in zip(before, model.parameters(), strict=True)
+                ]
+            )
+        )
+    g = torch.cat([t.flatten() for t in grads])
+    unclipped, clipped = steps  # lr·Δ and lr·ν·Δ
+    nu = (clipped.norm() / unclipped.norm()).item()
+    kl = nu**2 * lr * (unclipped @ g).item()
+    assert nu < 1  # the clip is active at this κ
+    assert kl == pytest.approx(kappa, rel=1e-4)
