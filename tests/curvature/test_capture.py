@@ -9,13 +9,7 @@ from torch import nn
 
 from grng.curvature import CurvatureCapture, find_kronecker_layers
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _capture(model: nn.Module, loss_fn, fisher: str = "empirical") -> CurvatureCapture:

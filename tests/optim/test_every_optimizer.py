@@ -202,25 +202,22 @@ def _factors(optimizer):
 
 
 @pytest.mark.parametrize("name", ["KFAC", "RING"])
+@pytest.mark.usefixtures("float64")
 def test_gradient_accumulation_gives_the_full_batch_step(name):
-    torch.set_default_dtype(torch.float64)
-    try:
-        x, y = _batch(0)
-        models = [_net(), _net()]
-        whole = OPTIMIZERS[name](models[0], **FAST)
-        split = OPTIMIZERS[name](models[1], **FAST)
-        for _ in range(3):
-            whole.zero_grad()
-            F.cross_entropy(models[0](x), y).backward()
-            whole.step()
-            split.zero_grad()
-            for half in (slice(0, 8), slice(8, 16)):
-                (F.cross_entropy(models[1](x[half]), y[half]) / 2).backward()
-            split.step()
-        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    x, y = _batch(0)
+    models = [_net(), _net()]
+    whole = OPTIMIZERS[name](models[0], **FAST)
+    split = OPTIMIZERS[name](models[1], **FAST)
+    for _ in range(3):
+        whole.zero_grad()
+        F.cross_entropy(models[0](x), y).backward()
+        whole.step()
+        split.zero_grad()
+        for half in (slice(0, 8), slice(8, 16)):
+            (F.cross_entropy(models[1](x[half]), y[half]) / 2).backward()
+        split.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 def test_grad_scaler_leaves_the_factors_unchanged():

@@ -13,13 +13,7 @@ from torch import nn
 import grng
 from grng.linalg import pi_correction
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _net(seed: int = 0) -> nn.Module:
