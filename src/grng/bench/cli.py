@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="results folder (default runs/bench-<timestamp>)")  # fmt: skip
     bench.add_argument("--resume", action="store_true",
                        help="continue in an existing --out folder, skipping finished runs")  # fmt: skip
+    bench.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                       help="save the run in progress every N steps so that --resume "
+                            "continues it exactly (0: never; default 200)")  # fmt: skip
     bench.add_argument("--distributed", action="store_true",
                        help="data-parallel runs under torchrun (gloo on CPU, nccl with "
                             "--device cuda): each rank trains on its slice of every global "
@@ -218,6 +221,8 @@ def _protocol(args: argparse.Namespace) -> Any:
     hess = pick(args.hessian_iters, "hessian_iters", defaults.hessian_iters)
     if hess < 0:
         raise UsageError(f"--hessian-iters must be >= 0, got {hess}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     return Protocol(
         steps=steps,
         tune_steps=min(tune, steps),
@@ -227,6 +232,9 @@ def _protocol(args: argparse.Namespace) -> Any:
         eval_every=pick(args.eval_every, "eval_every", defaults.eval_every),
         hessian_iters=hess,
         hessian_batch=QUICK["hessian_batch"] if args.quick else defaults.hessian_batch,
+        checkpoint_every=(
+            defaults.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every
+        ),
         quick=args.quick,
         samples=args.samples,
     )

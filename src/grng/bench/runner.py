@@ -79,6 +79,8 @@ class Protocol:
     eval_every: int = 50
     hessian_iters: int = 20
     hessian_batch: int = 512
+    #: Save a resumable checkpoint of the run in progress every this many steps (0: never).
+    checkpoint_every: int = 200
     quick: bool = False
     samples: int | None = None
 
@@ -233,8 +235,15 @@ def train_run(
     device: torch.device,
     progress: Callable[[int], None] | None = None,
     distributed: DistributedInfo | None = None,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Train one run and return its record (the JSON line).
+
+    With ``checkpoint`` (a file path), the run saves everything it needs to continue
+    (model, optimizer, scheduler and RNG states, curves, timers, the step) there every
+    ``protocol.checkpoint_every`` steps, continues from it when it exists (replaying the
+    batch stream to the same position, so the continuation is exact), and deletes it
+    once the run has finished.
 
     With ``distributed`` (more than one rank), the model is wrapped in
     DistributedDataParallel for the training steps, every rank draws the same global
@@ -290,7 +299,22 @@ def train_run(
             curves.test_score.append(task.score(task.evaluate(model, data, "test")))
 
     done = 0
-    for step in range(steps):
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        curves = _Curves(**saved["curves"])
+        step_times = saved["step_times"]
+        train_seconds = saved["train_seconds"]
+        norm_sum.extend(torch.tensor(v) for v in saved["grad_norms"])
+        done = saved["step"]
+        for _ in range(done):  # the same batch stream, from the same position
+            next(batches)
+        if progress is not None:
+            progress(done)
+    for step in range(done, steps):
         x, y = next(batches)
         if parallel:
             assert distributed is not None
@@ -318,6 +342,15 @@ def train_run(
                 break
         if done % protocol.eval_every == 0 or done == steps:
             evaluate(done)
+        if (
+            checkpoint is not None
+            and protocol.checkpoint_every > 0
+            and done % protocol.checkpoint_every == 0
+            and not loss_window  # the window is flushed: the state is complete
+            and done < steps
+        ):
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, curves, step_times,
+                             train_seconds, norm_sum, done)  # fmt: skip
         if progress is not None:
             progress(1)
     hook.remove()
@@ -373,7 +406,44 @@ def train_run(
         except RuntimeError as exc:  # e.g. a layer without double backward
             print(f"warning: Hessian eigenvalue failed for {run}: {exc}", file=sys.stderr)
     record["wall_seconds"] = time.perf_counter() - wall_start
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return record
+
+
+def _save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: LambdaLR,
+    curves: _Curves,
+    step_times: list[float],
+    train_seconds: float,
+    grad_norms: list[Tensor],
+    step: int,
+) -> None:
+    """Write atomically (temporary file, then rename): a kill mid-write leaves the last one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "curves": asdict(curves),
+        "step_times": step_times,
+        "train_seconds": train_seconds,
+        "grad_norms": [float(v) for v in grad_norms],
+        "step": step,
+    }
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def checkpoint_path(folder: Path, run: RunSpec) -> Path:
+    """Where ``run``'s in-progress checkpoint lives inside the results folder."""
+    task, optimizer, lr, seed, phase = run.key
+    return folder / "checkpoints" / f"{task}_{optimizer}_lr{lr}_s{seed}_{phase}.pt"
 
 
 def choose_lr(records: Iterable[dict[str, Any]], task: Task) -> float | None:
@@ -475,7 +545,13 @@ def run_suite(
                 progress(protocol.steps_for(run.phase))
             return
         try:
-            record = train_run(run, task, spec, data, protocol, device, progress, distributed)
+            # Checkpoints are a single-process feature: under --distributed every rank
+            # would have to resume alike.
+            single = distributed is None or distributed.world_size == 1
+            ckpt = checkpoint_path(log.path.parent, run) if log.write and single else None
+            record = train_run(
+                run, task, spec, data, protocol, device, progress, distributed, ckpt
+            )
         except Exception as exc:  # recorded, reported, and the suite goes on
             print(f"error: {run.optimizer} on {run.task} (lr {run.lr:.3g}, seed "
                   f"{run.seed}): {type(exc).__name__}: {exc}", file=sys.stderr)  # fmt: skip
