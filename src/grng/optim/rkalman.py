@@ -32,7 +32,10 @@ entries stay in ``[λ_f, λ_f/β^{L−1}]`` after every update (the fixed point 
 so ``Λ ⪰ λ_f I`` and ``‖P‖₂ ≤ 1/λ_f``. The price: a coordinate just absorbed is
 damped up to ``β^{−(L−1)}`` times more than the floor.
 
-Step. ``Δ = P_G V P_A`` per layer (two matmuls); parameters outside Kronecker
+Step. ``Δ = c_t² P_G V P_A`` per layer (two matmuls), ``c_t = 1 − β^t`` after ``t``
+updates with forgetting (the data's total weight in ``Λ_t``: ``Λ_t / c_t`` is the
+bias-corrected average, whose inverse is ``c_t P``), ``c_t = 1`` when accumulating;
+parameters outside Kronecker
 layers use the base's diagonal fallback. Gradient regularisation
 ``L_G = L + (ρ/2)‖∇L‖²`` enters as a scalar along Δ: its quadratic model
 ``L_G(θ − tΔ) ≈ L_G − t gᵀΔ + ½ t² (ΔᵀFΔ + ρ‖g‖²‖Δ‖²)``, with ``ΔᵀFΔ = gᵀΔ`` when
@@ -195,6 +198,8 @@ class RKalman(CurvatureOptimizer):
                 if self.forgetting:
                     new = self._absorb_floor(state, side, new, finite)
                 state[f"{side}_covariance"] = torch.where(finite, new, old)
+            state["updates"] = state.get("updates", torch.zeros_like(finite, dtype=torch.int64))
+            state["updates"] = state["updates"] + finite.to(torch.int64)
 
     def _initialise(
         self, layer: KroneckerLayer, state: dict[str, Any], estimate: FactorEstimate, ok: Tensor
@@ -232,11 +237,18 @@ class RKalman(CurvatureOptimizer):
     def _precondition_layer(
         self, layer: KroneckerLayer, gradient_matrix: Tensor, damping: Tensor
     ) -> Tensor:
-        """``Δ = P_G V P_A`` (``V / λ`` before the layer has statistics)."""
+        """``Δ = c_t² P_G V P_A`` (``V / λ`` before the layer has statistics)."""
         state = self._layer_state(layer)
         if "activation_covariance" not in state:
             return gradient_matrix / damping
-        return state["gradient_covariance"] @ gradient_matrix @ state["activation_covariance"]
+        delta = state["gradient_covariance"] @ gradient_matrix @ state["activation_covariance"]
+        if self.forgetting:
+            # Bias correction: after t updates the data carry a total weight 1 − β^t in
+            # Λ_t, so Λ_t / (1 − β^t) is the running average's estimate, and its inverse
+            # is (1 − β^t)·P — per factor, a scalar, no inversion.
+            t = state["updates"].to(delta.dtype)
+            delta = delta * (1 - self.options.factor_decay**t) ** 2
+        return delta
 
     def _precondition(
         self, search: dict[Tensor, Tensor], grad_sq: dict[Tensor, Tensor], total_grad_sq: Tensor
