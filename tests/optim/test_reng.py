@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 import grng
 
@@ -189,6 +190,82 @@ def test_layer_without_double_backward_is_named():
     F.cross_entropy(model(x), y).backward(create_graph=True)
     with pytest.raises(RuntimeError, match=r"module '1'.*finite_difference"):
         optimizer.step()
+
+
+class _SquareOnceDifferentiable(torch.autograd.Function):
+    """x ↦ x² whose backward may not be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (a,) = ctx.saved_tensors
+        return 2 * a * grad_output
+
+
+class _Square(nn.Module):
+    def forward(self, a):
+        return _SquareOnceDifferentiable.apply(a)
+
+
+def test_once_differentiable_op_is_refused_and_named():
+    # autograd prunes the @once_differentiable error node from torch.autograd.grad
+    # (its inputs are detached leaves), so without RENG's check H∇L would silently
+    # lose the first layer's part instead of raising.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _Square(), nn.Linear(6, 3))
+    x, y = _data()
+    optimizer = grng.RENG(model, rho=0.5)
+    before = copy.deepcopy(list(model.parameters()))
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward(create_graph=True)
+    with pytest.raises(RuntimeError, match=r"module '0'.*module '1'.*once_differentiable"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert optimizer.steps_taken == 0
+
+
+def test_exact_mode_with_a_plain_closure_raises_and_changes_nothing():
+    model = _net()
+    x, y = _data()
+    optimizer = grng.RENG(model, rho=0.5)
+    before = copy.deepcopy(list(model.parameters()))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()  # exact mode needs create_graph=True here
+        return loss
+
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        optimizer.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert optimizer.steps_taken == 0 and "layer:0" not in optimizer.state_dict()["state"]
+
+
+def test_finite_difference_with_a_closure_that_does_not_zero_the_gradients():
+    x, y = _data()
+    searches = []
+    for zero_inside in (True, False):
+        model = _net()
+        optimizer = grng.RENG(model, rho=1.0, hvp="finite_difference")
+
+        def closure(model=model, optimizer=optimizer, zero_inside=zero_inside):
+            if zero_inside:
+                optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.zero_grad()
+        closure()
+        search = optimizer._search_gradients({p: p.grad for p in model.parameters()}, closure)
+        searches.append(torch.cat([search[p].flatten() for p in model.parameters()]))
+    torch.testing.assert_close(searches[1], searches[0], rtol=0, atol=0)
 
 
 def test_reng_trains_mnist1d_mlp_above_chance():

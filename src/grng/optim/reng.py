@@ -24,6 +24,7 @@ The Hessian-gradient product ``H∇L = ∇(½‖∇L‖²)`` is computed one of 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -50,8 +51,51 @@ _NO_CLOSURE = (
 )
 
 
+#: The autograd node standing for "this gradient may not be differentiated again".
+#: ``@once_differentiable`` backward functions return their gradients through one
+#: whose inputs are fresh detached leaves, so ``torch.autograd.grad(..., inputs=params)``
+#: prunes it and silently drops that part of H∇L instead of raising.
+_ERROR_NODE = "torch::autograd::Error"
+
+
 def _sum_of_squares(tensors: Iterable[Tensor]) -> Tensor:
     return torch.stack([t.pow(2).sum() for t in tensors]).sum()
+
+
+def _double_backward_fails(params: list[Tensor], grads: dict[Tensor, Tensor]) -> bool:
+    """Whether ``∇(½‖g‖²)`` over ``params``' own gradients raises or reaches an error node."""
+    if _reaches_error_node(grads[p] for p in params):
+        return True
+    with torch.enable_grad():
+        try:
+            torch.autograd.grad(
+                0.5 * _sum_of_squares(grads[p] for p in params),
+                params,
+                retain_graph=True,
+                allow_unused=True,
+            )
+        except RuntimeError:
+            return True
+    return False
+
+
+def _reaches_error_node(roots: Iterable[Tensor]) -> bool:
+    """Whether the autograd graph of ``roots`` contains an error node (see ``_ERROR_NODE``).
+
+    A walk over the gradient's graph: about 30 µs for a 3-layer MLP, under 1% of
+    an exact RENG step, paid every step because the graph may change between steps.
+    """
+    stack: list[torch.autograd.graph.Node | None] = [t.grad_fn for t in roots]
+    seen: set[torch.autograd.graph.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node.name() == _ERROR_NODE:
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 class RENG(KFAC):
@@ -85,7 +129,11 @@ class RENG(KFAC):
         model: the network to optimize.
         lr: learning rate η.
         rho: gradient-regularization strength ρ ≥ 0 (ρ = 0 is K-FAC; no
-            second-order work is done then).
+            second-order work is done then). Since ``∇L + ρH∇L = ∇L(θ + ρ∇L) + O(ρ²)``,
+            ρ is the length of a SAM-like ascent step ``θ + ρ∇L`` whose gradient is
+            preconditioned. The default 1e-3 keeps that step far smaller than the
+            descent step so the first-order expansion holds, and equals RING's
+            default: both then regularize towards the same ``L_G``.
         damping: damping λ > 0.
         hvp: ``"exact"`` or ``"finite_difference"`` (see the module docstring).
         **kwargs: as for :class:`grng.KFAC`.
@@ -137,6 +185,16 @@ class RENG(KFAC):
         params = [p for p, g in grads.items() if g.requires_grad]
         if not params:
             raise RuntimeError(_NO_GRAPH)
+        if _reaches_error_node(grads[p] for p in params):
+            raise RuntimeError(
+                self._explain_double_backward_failure(
+                    params,
+                    grads,
+                    "its gradient passes through a torch.autograd.Function whose backward "
+                    "is marked @once_differentiable (autograd would silently drop that part "
+                    "of H∇L)",
+                )
+            )
         with torch.enable_grad(), self.capture.paused():
             half_sq_norm = 0.5 * _sum_of_squares(grads[p] for p in params)
             try:
@@ -153,35 +211,36 @@ class RENG(KFAC):
         return out
 
     def _explain_double_backward_failure(
-        self, params: list[Tensor], grads: dict[Tensor, Tensor], error: RuntimeError
+        self, params: list[Tensor], grads: dict[Tensor, Tensor], error: RuntimeError | str
     ) -> str:
         """Name the module whose backward cannot be differentiated.
 
         The gradient of a module's parameters flows through the backward of every
-        module after it, so double backward fails for the parameters of the culprit
-        and of everything before it: the culprit is the last module that fails.
+        module after it, so double backward fails (raises, or reaches an error
+        node) for the parameters of the culprit and of everything before it: the
+        culprit is the last module that fails, or one of the parameter-free
+        modules registered right after it, which are listed as candidates.
         """
         differentiated = {id(p) for p in params}
-        failing = []
+        # In registration order (a Sequential's forward order): (name, whether double
+        # backward fails) for modules with parameters, (name, None) for parameter-free leaves.
+        verdicts: list[tuple[str, bool | None]] = []
         for name, module in self.model.named_modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in differentiated]
-            if not own:
-                continue
-            with torch.enable_grad():
-                try:
-                    torch.autograd.grad(
-                        0.5 * _sum_of_squares(grads[p] for p in own),
-                        own,
-                        retain_graph=True,
-                        allow_unused=True,
-                    )
-                except RuntimeError:
-                    failing.append(name or type(module).__name__)
-        where = (
-            f"module {failing[-1]!r} (or a parameter-free operation right after it)"
-            if failing
-            else "an operation of the model"
-        )
+            if own:
+                verdicts.append((name or type(module).__name__, _double_backward_fails(own, grads)))
+            elif next(module.children(), None) is None:
+                verdicts.append((name, None))
+        failing = [i for i, (_, fails) in enumerate(verdicts) if fails]
+        if failing:
+            after = itertools.takewhile(lambda v: v[1] is None, verdicts[failing[-1] + 1 :])
+            candidates = ", ".join(repr(name) for name, _ in after)
+            where = (
+                f"module {verdicts[failing[-1]][0]!r} (or a parameter-free operation right "
+                f"after it{', e.g. in module ' + candidates if candidates else ''})"
+            )
+        else:
+            where = "an operation of the model"
         return (
             f"RENG(hvp='exact'): double backward is not implemented for {where}: {error}. "
             "Use RENG(..., hvp='finite_difference'), which needs no double backward."
@@ -204,6 +263,9 @@ class RENG(KFAC):
             with torch.no_grad():
                 for p, g in zip(params, clean, strict=True):
                     p.add_(g * shift.to(p.dtype))
+                    # The clean gradient is kept in ``clean``; starting from None makes the
+                    # product right even for a closure that does not zero the gradients.
+                    p.grad = None
             with torch.enable_grad(), self.capture.paused():
                 closure()
             perturbed = [
