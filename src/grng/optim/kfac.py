@@ -14,7 +14,7 @@ what is expensive (eigenbases or inverses) is recomputed every
 * ``inverse="newton_schulz"`` stores the damped inverses at the damping of the
   refresh step, warm-started from the previous ones. A later step whose damping
   differs by ``ε`` uses the first-order correction ``(M + εI)⁻¹ ≈ X − εX²``
-  while ``|ε|·‖X‖ ≤ |ε|/c_ref ≤ 1/2`` (relative error ≤ r²/(1−r) ≤ 1/2·r); a
+  while ``|ε|·‖X‖ ≤ |ε|/c_ref ≤ 1/2`` (relative error ≤ r²/(1−r) ≤ 2r² ≤ r); a
   larger shift re-inverts that layer at once. With constant damping (K-FAC)
   the shift is always zero.
 
