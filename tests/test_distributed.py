@@ -226,6 +226,8 @@ def _scenario_mismatch(rank: int) -> dict[str, Any]:
         "rho": lambda: grng.RING(_model(), rho=0.5 if rank == 1 else 0.1),
         "optimizer": lambda: (grng.RING if rank == 1 else grng.KFAC)(_model()),
         "same": lambda: grng.KFAC(_model()),
+        # DDP does not synchronise second-order gradients: RENG's exact mode is refused.
+        "reng-exact": lambda: grng.RENG(_model(), hvp="exact"),
     }
     for name, build in cases.items():
         start = time.monotonic()
@@ -356,6 +358,7 @@ def test_mismatch_raises_on_every_rank(tmp_path: Path) -> None:
             assert what in message and "rank 1" in message, message
             assert seconds < 10
         assert result["same"][0] == "ok"
+        assert "finite_difference" in result["reng-exact"][0], result["reng-exact"]
     assert "'0.weight (16, 6) torch.float64'" in results[0]["width"][0]
     assert "lr=0.1" in results[1]["lr"][0] and "lr=0.2" in results[1]["lr"][0]
 
