@@ -104,6 +104,7 @@ class CurvatureCapture:
     _in_fisher_pass: bool = False
     _forwards: int = 0
     _leading_examples: int = 0
+    _empty_forwards: int = 0
     _sums: dict[str, _LayerSums] = field(default_factory=dict)
     _handles: list[RemovableHandle] = field(default_factory=list)
 
@@ -125,8 +126,13 @@ class CurvatureCapture:
     def _count_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self._recording():
             return
-        self._forwards += 1
         first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
+        if first is not None and first.shape[0] == 0:
+            # An empty batch: no statistics, and not a forward that a reused layer's
+            # call count is divided by.
+            self._empty_forwards += 1
+            return
+        self._forwards += 1
         if first is not None:
             self._leading_examples += first.shape[0]
 
@@ -210,6 +216,11 @@ class CurvatureCapture:
             self._in_fisher_pass = False
 
     @property
+    def only_empty_batches(self) -> bool:
+        """Whether every forward since the last clear had an empty batch (0 rows)."""
+        return self._empty_forwards > 0 and self._forwards == 0
+
+    @property
     def has_statistics(self) -> bool:
         return bool(self._sums)
 
@@ -248,3 +259,4 @@ class CurvatureCapture:
         self._sums.clear()
         self._forwards = 0
         self._leading_examples = 0
+        self._empty_forwards = 0

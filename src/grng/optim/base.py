@@ -87,9 +87,19 @@ class CurvatureOptimizer(Optimizer):
     #: a Newton–Schulz inverse at a reference damping can be shifted.
     adaptive_damping: bool = False
 
+    #: The per-group hyperparameters a constructor may put in ``defaults``; any other
+    #: keyword (a typo such as ``dampin=``) is refused with a TypeError naming it.
+    hyperparameters: tuple[str, ...] = ("lr", "damping", "momentum", "weight_decay", "rho")
+
     def __init__(self, model: nn.Module, defaults: dict[str, Any], options: CurvatureOptions):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        unknown = sorted(set(defaults) - set(self.hyperparameters))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, unknown))}"
+            )
         check_group_hyperparameters(defaults)
         params = _trainable_parameters(model)
         if not params:
@@ -115,6 +125,11 @@ class CurvatureOptimizer(Optimizer):
         #: gradient factors are divided by the scale² on the device, without a sync.
         self.grad_scaler: Any = None
         self._warned_nonfinite = 0
+        #: The current step's finiteness flag (a device bool), for subclass code that
+        #: would otherwise write state (e.g. re-invert) during a step that will be skipped.
+        self._step_finite: Tensor = torch.ones((), dtype=torch.bool)
+        #: (dtype, device) of every parameter when the state was last placed.
+        self._placement = self._parameter_placement()
         self.named_state("counters").update(
             {
                 "step": 0,
@@ -229,6 +244,10 @@ class CurvatureOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        placement = self._parameter_placement()
+        if placement != self._placement:
+            self._follow_parameters()
+            self._placement = placement
         grads = {p: p.grad for g in self.param_groups for p in g["params"] if p.grad is not None}
         if not grads:
             self.capture.clear()
@@ -241,6 +260,7 @@ class CurvatureOptimizer(Optimizer):
         capturing = self.is_capture_step(step)
         estimates = self.capture.estimates() if capturing else {}
         examples = self.capture.examples if capturing else 0
+        empty_batch = self.capture.only_empty_batches  # an empty batch has no statistics
         self.capture.clear()
         if estimates and self.grad_scaler is not None:
             estimates = _unscale(estimates, self.grad_scaler)
@@ -257,10 +277,16 @@ class CurvatureOptimizer(Optimizer):
             raise FloatingPointError(
                 f"non-finite gradient or curvature statistic at step {step}; nothing was changed"
             )
+        self._step_finite = finite
+        # A skipped step still runs (masked); keep its dampings finite so that no solve
+        # raises on an inf damping (RING's λ + ρ‖g‖² with an inf gradient).
+        zero = torch.zeros((), dtype=finite.dtype, device=finite.device)
+        grad_sq = {p: torch.where(finite, v, zero.to(v.dtype)) for p, v in grad_sq.items()}
         total_grad_sq = torch.stack(list(grad_sq.values())).sum()
 
         if capturing:
-            self._update_diagonal(grads, examples, finite)
+            if not empty_batch:
+                self._update_diagonal(grads, examples, finite)
             self._update_curvature(estimates, finite)
         if self._refresh_due(step):
             self._refresh_curvature(grad_sq, total_grad_sq, finite)
@@ -329,6 +355,42 @@ class CurvatureOptimizer(Optimizer):
             "options": "\n".join(f"{k}={v!r}" for k, v in sorted(vars(self.options).items())),
             "settings": "\n".join(f"{k}={v!r}" for k, v in sorted(settings.items())),
         }
+
+    def _parameter_placement(self) -> list[tuple[torch.dtype, torch.device]]:
+        return [(p.dtype, p.device) for g in self.param_groups for p in g["params"]]
+
+    def _follow_parameters(self) -> None:
+        """After ``model.double()``, ``.float()`` or ``.to(device)``: move the state along.
+
+        Curvature goes to its layer's statistics dtype (float32, or float64 for float64
+        weights) and device, momentum to its parameter's dtype and device, counters to
+        the first parameter's device. Run at the first step after such a change.
+        """
+        for layer in self.layers:
+            dtype, device = statistics_dtype(layer.weight), layer.weight.device
+            state = self._layer_state(layer)
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    floating = value.is_floating_point()
+                    state[key] = value.to(device=device, dtype=dtype if floating else None)
+        for p in self._fallback_params([q for g in self.param_groups for q in g["params"]]):
+            diagonal = cast(dict[Any, Any], self.state).get(f"diagonal:{self._name(p)}", {})
+            for key, value in diagonal.items():
+                if isinstance(value, Tensor):
+                    floating = value.is_floating_point()
+                    diagonal[key] = value.to(
+                        device=p.device, dtype=statistics_dtype(p) if floating else None
+                    )
+        for group in self.param_groups:
+            for p in group["params"]:
+                buffer = self.state[p].get("momentum_buffer") if p in self.state else None
+                if buffer is not None:
+                    self.state[p]["momentum_buffer"] = buffer.to(device=p.device, dtype=p.dtype)
+        first = self.param_groups[0]["params"][0]
+        counters = self.counters
+        for key, value in counters.items():
+            if isinstance(value, Tensor) and key != "fisher_rng_state":
+                counters[key] = value.to(first.device)
 
     def _name(self, p: Tensor) -> str:
         name = self._param_names.get(p)  # type: ignore[call-overload]

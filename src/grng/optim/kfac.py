@@ -228,6 +228,8 @@ class KFAC(CurvatureOptimizer):
                 activation_damping,
             )
         if "activation_inverse" not in state:
+            if not bool(self._step_finite):
+                return gradient_matrix / damping  # a skipped step writes no inverse
             self._invert(layer, damping)
         if not self.adaptive_damping:
             # Constant damping: the stored inverses are exact, two matmuls suffice.
@@ -241,8 +243,9 @@ class KFAC(CurvatureOptimizer):
                 / state["activation_damping"],
             ]
         ).max()
-        if bool(shift > MAX_RELATIVE_SHIFT):
-            # Outside the first-order correction's accuracy: re-invert (warm-started).
+        if bool(shift > MAX_RELATIVE_SHIFT) and bool(self._step_finite):
+            # Outside the first-order correction's accuracy: re-invert (warm-started);
+            # not on a step that will be skipped (its result is discarded anyway).
             self._invert(layer, damping)
         left = shifted_inverse_first_order(
             state["gradient_inverse"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, Literal
 
 FisherType = Literal["empirical", "mc"]
@@ -46,11 +46,19 @@ def check_real(
 
 
 def check_int(name: str, value: Any, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int (any integral type, e.g. ``numpy.int64``; not bool or float)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    return value
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (``numpy.bool_`` too), else a TypeError naming ``name``."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -101,8 +109,13 @@ class CurvatureOptions:
     distributed: DistributedMode | None = "auto"
 
     def __post_init__(self) -> None:
-        check_int("factor_update_freq", self.factor_update_freq)
-        check_int("inverse_update_freq", self.inverse_update_freq)
+        # Stored as plain ints (a numpy integer would otherwise leak into step arithmetic).
+        object.__setattr__(
+            self, "factor_update_freq", check_int("factor_update_freq", self.factor_update_freq)
+        )
+        object.__setattr__(
+            self, "inverse_update_freq", check_int("inverse_update_freq", self.inverse_update_freq)
+        )
         check_real("factor_decay", self.factor_decay, low=0.0, high=1.0)
         check_choice("fisher", self.fisher, ("empirical", "mc"))
         check_choice("inverse", self.inverse, ("eigh", "newton_schulz"))

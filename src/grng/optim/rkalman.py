@@ -56,9 +56,15 @@ import torch
 from torch import Tensor, nn
 
 from grng.curvature import FactorEstimate, KroneckerLayer
-from grng.linalg import pi_correction
+from grng.linalg import pi_correction, symmetrize
 from grng.optim.base import Closure, CurvatureOptimizer, sqrt_damping_split
-from grng.optim.options import CurvatureOptions, FisherType, NonfinitePolicy, check_int
+from grng.optim.options import (
+    CurvatureOptions,
+    FisherType,
+    NonfinitePolicy,
+    check_bool,
+    check_int,
+)
 
 
 def _downdate(
@@ -70,7 +76,10 @@ def _downdate(
     # cholesky_ex: a non-finite S (a step that will be masked) must not raise.
     lower, _ = torch.linalg.cholesky_ex(0.5 * (s + s.mT))
     w = torch.linalg.solve_triangular(lower, pu.mT, upper=False).mT  # W = P U L⁻ᵀ
-    return torch.addmm(covariance, w, w.mT, beta=1 / decay, alpha=-1 / decay)
+    # Symmetrised: in float32 the rounding of P − W Wᵀ is not symmetric, and the
+    # antisymmetric part grows by 1/decay per update until P is indefinite (|λ| ~ 1e21
+    # after ~600 updates of a small MLP; tests/test_reliability.py).
+    return symmetrize(torch.addmm(covariance, w, w.mT, beta=1 / decay, alpha=-1 / decay))
 
 
 def kalman_absorb(
@@ -152,10 +161,12 @@ class RKalman(CurvatureOptimizer):
         )
         if forgetting and factor_decay == 0.0:
             raise ValueError("factor_decay must be in (0, 1) with forgetting=True, got 0.0")
-        self.forgetting = bool(forgetting)
+        self.forgetting = check_bool("forgetting", forgetting)
         self.rows_per_update = check_int("rows_per_update", rows_per_update)
-        self.floor_columns = check_int("floor_columns", floor_columns or rows_per_update)
-        self.seed = int(seed)
+        self.floor_columns = check_int(
+            "floor_columns", rows_per_update if floor_columns is None else floor_columns
+        )
+        self.seed = check_int("seed", seed, low=0)
         defaults = dict(
             lr=lr, rho=rho, damping=damping, momentum=momentum, weight_decay=weight_decay
         )
