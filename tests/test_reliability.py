@@ -552,6 +552,23 @@ def test_model_cast_to_float64_after_construction(variant: str) -> None:
             assert t.dtype == torch.float64, key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ONE_EACH)
+def test_model_moved_to_cuda_after_construction(variant: str) -> None:
+    """The state built on CPU follows the parameters to the GPU at the next step."""
+    model = net()
+    optimizer = make(variant, model, factor_update_freq=1)
+    for i in range(3):
+        train_step(variant, model, optimizer, *batch(i))
+    model.cuda()
+    for i in range(3, 6):
+        x, y = batch(i)
+        train_step(variant, model, optimizer, x.cuda(), y.cuda())
+    assert optimizer.nonfinite_steps == 0
+    assert all(p.is_cuda and torch.isfinite(p).all() for p in model.parameters())
+    assert all(t.is_cuda for t in curvature_tensors(optimizer).values())
+
+
 @pytest.mark.parametrize("variant", ONE_EACH)
 def test_bfloat16_autocast_keeps_float32_statistics(variant: str) -> None:
     model = net()
