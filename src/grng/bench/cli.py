@@ -128,11 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                        help="save the run in progress every N steps so that --resume "
                             "continues it exactly (0: never; default 200)")  # fmt: skip
-    bench.add_argument("--distributed", action="store_true",
-                       help="data-parallel runs under torchrun (gloo on CPU, nccl with "
-                            "--device cuda): each rank trains on its slice of every global "
-                            "batch; rank 0 writes the results. Launch with: torchrun "
-                            "--nproc_per_node=N -m grng.bench --distributed ...")
+    bench.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel runs under torchrun (gloo on CPU, nccl with "
+        "--device cuda): each rank trains on its slice of every global "
+        "batch; rank 0 writes the results. Launch with: torchrun "
+        "--nproc_per_node=N -m grng.bench --distributed ...",
+    )
     bench.add_argument("--threads", type=_positive_int, default=1,
                        help="torch intra-op threads; 1 is fastest for these small models "
                             "on a shared CPU")  # fmt: skip

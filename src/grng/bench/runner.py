@@ -549,9 +549,7 @@ def run_suite(
             # would have to resume alike.
             single = distributed is None or distributed.world_size == 1
             ckpt = checkpoint_path(log.path.parent, run) if log.write and single else None
-            record = train_run(
-                run, task, spec, data, protocol, device, progress, distributed, ckpt
-            )
+            record = train_run(run, task, spec, data, protocol, device, progress, distributed, ckpt)
         except Exception as exc:  # recorded, reported, and the suite goes on
             print(f"error: {run.optimizer} on {run.task} (lr {run.lr:.3g}, seed "
                   f"{run.seed}): {type(exc).__name__}: {exc}", file=sys.stderr)  # fmt: skip
