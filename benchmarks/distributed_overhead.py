@@ -46,7 +46,7 @@ import grng.optim.kfac as kfac_module
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "kfac": ("KFAC", {"inverse": "eigh"}),
     "ring": ("RING", {}),
-    "ring-newton-schulz": ("RING", {"inverse": "newton_schulz"}),
+    "ring-newton-schulz": ("RING", {"inverse": "newton_schulz", "damping_form": "factored"}),
 }
 
 

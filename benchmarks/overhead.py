@@ -38,7 +38,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
     "kfac": lambda m: grng.KFAC(m),
     "ring": lambda m: grng.RING(m),
-    "ring-newton-schulz": lambda m: grng.RING(m, inverse="newton_schulz"),
+    "ring-newton-schulz": lambda m: grng.RING(m, inverse="newton_schulz", damping_form="factored"),
     "reng-exact": lambda m: grng.RENG(m, hvp="exact"),
     "reng-finite-difference": lambda m: grng.RENG(m, hvp="finite_difference"),
     "rkalman": lambda m: grng.RKalman(m),

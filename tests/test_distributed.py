@@ -52,7 +52,10 @@ def _configs() -> dict[str, tuple[str, dict[str, Any]]]:
         "kfac-eigh": ("KFAC", {**COMMON, "inverse": "eigh"}),
         "kfac-newton-schulz": ("KFAC", {**COMMON, "inverse": "newton_schulz"}),
         "ring-eigh": ("RING", {**COMMON, "rho": 0.1}),
-        "ring-newton-schulz": ("RING", {**COMMON, "rho": 0.1, "inverse": "newton_schulz"}),
+        "ring-newton-schulz": (
+            "RING",
+            {**COMMON, "rho": 0.1, "inverse": "newton_schulz", "damping_form": "factored"},
+        ),
     }
     # RENG and R-Kalman join once they exist (they share the base and its hooks).
     if hasattr(grng, "RENG"):

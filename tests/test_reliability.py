@@ -40,7 +40,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "KFAC": ("KFAC", dict(inverse_update_freq=2), False),
     "KFAC-eigh": ("KFAC", dict(inverse_update_freq=2, inverse="eigh"), False),
     "RING": ("RING", dict(rho=0.05, inverse_update_freq=2), False),
-    "RING-ns": ("RING", dict(rho=0.05, inverse_update_freq=2, inverse="newton_schulz"), False),
+    "RING-ns": (
+        "RING",
+        dict(rho=0.05, inverse_update_freq=2, inverse="newton_schulz", damping_form="factored"),
+        False,
+    ),
     "RENG-exact": ("RENG", dict(rho=0.05, inverse_update_freq=2), True),
     "RENG-fd": ("RENG", dict(rho=0.05, inverse_update_freq=2, hvp="finite_difference"), False),
     "RKalman": ("RKalman", dict(rho=0.05), False),
@@ -303,7 +307,11 @@ def test_corrupted_factor_is_repaired_not_used(variant: str, corruption: str) ->
         # Indefinite: Newton–Schulz and Cholesky cannot succeed; ill-conditioned: the
         # damped factor may well be invertible by Newton–Schulz within its tolerance.
         repaired = ("cholesky", "eigh")
-        allowed = repaired if corruption == "indefinite" else (*repaired, "newton_schulz")
+        allowed = (
+            repaired
+            if corruption == "indefinite"
+            else (*repaired, "newton_schulz", "newton_schulz_restart")
+        )
         assert state["activation_inverse_method"] in allowed
         assert torch.linalg.eigvalsh(state["activation_inverse"].double())[0] > 0
     else:
@@ -366,6 +374,28 @@ def test_grad_scaler_gives_the_unscaled_curvature_and_step(variant: str) -> None
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
 
 
+def test_mc_fisher_is_not_unscaled_by_the_grad_scaler() -> None:
+    """Regression: the MC pass's unscaled loss had its G divided by the loss scale² too."""
+    models = [net(), net()]
+    plain, scaled = (grng.KFAC(m, fisher="mc", factor_update_freq=1) for m in models)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    scaled.grad_scaler = scaler
+    x, y = batch(0)
+    for model, optimizer, scale in ((models[0], plain, None), (models[1], scaled, scaler)):
+        optimizer.zero_grad()
+        logits = model(x)
+        optimizer.backward_fisher(logits)
+        loss = F.cross_entropy(logits, y)
+        (loss if scale is None else scale.scale(loss)).backward()
+        if scale is None:
+            optimizer.step()
+        else:
+            scale.step(optimizer)
+    a, b = _first_layer_curvature(plain), _first_layer_curvature(scaled)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("variant", ALL)
 @pytest.mark.usefixtures("float64")
 def test_accumulated_half_batches_give_the_full_batch_step(variant: str) -> None:
@@ -406,6 +436,8 @@ BAD_ARGUMENTS: dict[str, list[Any]] = {
     "rows_per_update": [0, -3, 2.5, "8", NAN],
     "floor_columns": [0, -3, 2.5, "8"],
     "seed": ["0", 2.5, NAN, None],
+    "damping_form": ["tikhonov", None],
+    "loss_reduction": ["batchmean", None],
 }
 
 
@@ -489,7 +521,9 @@ class Reused(nn.Module):
 def test_reused_and_tied_layers_train(variant: str) -> None:
     torch.manual_seed(0)
     model = Reused()
-    optimizer = make(variant, model, lr=0.1)
+    # One batch, repeated: heavy-ball momentum would overshoot it, which is not what this
+    # test is about (the statistics of reused and tied layers are).
+    optimizer = make(variant, model, lr=0.1, momentum=0.0)
     x, y = batch(0)
     losses = []
     for _ in range(12):

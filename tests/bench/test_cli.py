@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import grng
 from grng.bench import cli, runner
 from grng.bench import data as D
 from grng.bench.optimizers import OPTIMIZERS
@@ -218,6 +219,46 @@ def test_bad_input_exits_2_with_one_line(
     assert err.startswith("grng bench: error: ") and message in err
     assert err.count("\n") == 1
     assert not (tmp_path / "o" / "runs.jsonl").exists()
+
+
+@pytest.mark.parametrize("git", [True, False])
+def test_results_record_commit_and_version(
+    git: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """config.json, every run record and summary.md's header line name the code; without
+    git the commit is "unknown" and the suite still runs."""
+    if not git:
+        monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no git to run
+    out = tmp_path / "res"
+    assert bench("--quick", "--tasks", "mnist1d-mlp", "--optimizers", "adamw", "--lr-grid",
+                 "1", "--seeds", "1", "--steps", "2", "--hessian-iters", "0",
+                 "--out", str(out)) == 0  # fmt: skip
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    commit = config["commit"]
+    assert config["grng_version"] == grng.__version__
+    if not git:
+        assert commit == "unknown"
+    assert isinstance(commit, str) and commit
+    assert all((r["commit"], r["grng_version"]) == (commit, grng.__version__)
+               for r in read_runs(out))  # fmt: skip
+    first = (out / "summary.md").read_text(encoding="utf-8").splitlines()[0]
+    assert f"grng {grng.__version__}, commit {commit}" in first
+
+
+def test_resumed_summary_names_every_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "res"
+    args = ["--quick", "--tasks", "mnist1d-mlp", "--optimizers", "adamw", "--lr-grid", "1",
+            "--seeds", "1", "--steps", "2", "--hessian-iters", "0", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(runner, "git_commit", lambda: "aaa1111")
+    assert bench(*args) == 0
+    monkeypatch.setattr(runner, "git_commit", lambda: "bbb2222-dirty")
+    assert bench(*args, "--resume") == 0  # nothing left to run: every record is aaa1111
+    assert json.loads((out / "config.json").read_text())["commit"] == "bbb2222-dirty"
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    assert "commit bbb2222-dirty" in md.splitlines()[0]
+    assert "Runs come from commits aaa1111 (see runs.jsonl)." in md
 
 
 def test_resume_with_other_protocol_is_refused(

@@ -3,6 +3,7 @@ loops, the Hessian eigenvalue, memory accounting, LR choice and the run log."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -45,9 +46,57 @@ def test_registry_lists_only_present_grng_methods() -> None:
     for name, cls in (("kfac", "KFAC"), ("ring", "RING"), ("reng", "RENG"),
                       ("rkalman", "RKalman")):  # fmt: skip
         assert (name in O.OPTIMIZERS) == hasattr(grng, cls)
+    # The factored-damping variant needs RING's damping_form keyword.
+    has_form = hasattr(grng, "RING") and "damping_form" in inspect.signature(grng.RING).parameters
+    assert ("ring-factored" in O.OPTIMIZERS) == has_form
     assert {"sgd", "adamw", "sophia", "sam", "soap"} <= set(O.OPTIMIZERS)
     with pytest.raises(ValueError, match="valid optimizers: sgd, adamw"):
         O.get_optimizer("lion")
+
+
+def test_ring_factored_passes_damping_form_and_follows_ring(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Against a stand-in RING with the new keyword, so this holds before it lands too."""
+    made: list[dict[str, Any]] = []
+
+    class FakeRING(torch.optim.SGD):
+        def __init__(self, model: nn.Module, lr: float = 0.05, rho: float = 1e-3,
+                     damping: float = 1e-3, *, damping_form: str = "exact") -> None:  # fmt: skip
+            made.append({"lr": lr, "damping_form": damping_form})
+            super().__init__(model.parameters(), lr=lr)
+
+    monkeypatch.setattr(grng, "RING", FakeRING)
+    registry = O._build_registry()
+    names = list(registry)
+    assert names.index("ring-factored") == names.index("ring") + 1
+    factored, ring = registry["ring-factored"], registry["ring"]
+    assert factored.default_lr == ring.default_lr == 0.05
+    assert factored.train_step is ring.train_step
+    ring.factory(nn.Linear(2, 2), 0.1)
+    factored.factory(nn.Linear(2, 2), 0.1)
+    assert made == [{"lr": 0.1, "damping_form": "exact"}, {"lr": 0.1, "damping_form": "factored"}]
+
+
+def test_git_commit_is_unknown_without_git_or_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        m.setenv("PATH", str(tmp_path))  # no git executable anywhere
+        assert R.git_commit() == "unknown"
+    # grng imported from a folder that is no git checkout (an installed wheel)
+    fake = tmp_path / "site-packages" / "grng"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    monkeypatch.setattr(grng, "__file__", str(fake / "__init__.py"))
+    assert R.git_commit() == "unknown"
+
+
+def test_run_log_stamps_every_record(tmp_path: Path) -> None:
+    stamp = {"commit": "abc1234-dirty", "grng_version": "9.9"}
+    log = R.RunLog(tmp_path / "runs.jsonl", stamp=stamp)
+    log.append({"task": "t", "optimizer": "o", "lr": 0.1, "seed": 1, "phase": "final"})
+    assert json.loads((tmp_path / "runs.jsonl").read_text()).items() >= stamp.items()
 
 
 @pytest.mark.parametrize("name", list(O.OPTIMIZERS))

@@ -167,6 +167,25 @@ def test_layer_used_twice_in_one_forward_counts_examples_once():
     torch.testing.assert_close(est.activation_factor, rows.T @ rows / 12)
 
 
+@pytest.mark.parametrize("twin_bias", [False, True], ids=["bias_free_twin", "own_bias_twin"])
+def test_tied_twin_without_the_owners_bias_gets_a_zero_bias_column(twin_bias):
+    """Issue #10: a tied twin's rows carry 1 in the bias column only if the owner's bias acts."""
+    torch.manual_seed(7)
+    owner = nn.Linear(3, 3)
+    twin = nn.Linear(3, 3, bias=twin_bias)
+    twin.weight = owner.weight
+    model = nn.Sequential(owner, nn.Tanh(), twin)
+    x = torch.randn(6, 3)
+    capture = _capture(model, lambda: model(x).pow(2).sum(1).mean())
+    est = capture.estimates()["0"]
+    hidden = torch.tanh(owner(x)).detach()
+    rows = torch.cat(
+        [torch.cat([x, torch.ones(6, 1)], 1), torch.cat([hidden, torch.zeros(6, 1)], 1)]
+    )
+    torch.testing.assert_close(est.activation_factor, rows.T @ rows / 12, rtol=1e-12, atol=1e-12)
+    assert est.activation_factor[-1, -1] == 0.5
+
+
 def test_nothing_is_captured_when_disarmed_paused_or_without_grad():
     model = nn.Linear(3, 2)
     capture = CurvatureCapture(model, find_kronecker_layers(model, set(model.parameters())))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -294,3 +295,150 @@ def test_reng_trains_mnist1d_mlp_above_chance():
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     assert accuracy > 0.4, accuracy
+
+
+# --------------------------------------------- finite differences with dropout and batch norm
+# Issue #10: the perturbed pass of hvp="finite_difference" drew new dropout masks (so
+# "H∇L" was the difference of two networks' gradients) and moved BatchNorm's running
+# statistics a second time.
+
+
+def _noisy_net(seed: int = 0) -> nn.Sequential:
+    """Dropout and batch norm, both in train mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(p=0.3), nn.Linear(6, 3)
+    ).train()
+
+
+def _batch_norm(model: nn.Sequential) -> nn.BatchNorm1d:
+    batch_norm = model[1]
+    assert isinstance(batch_norm, nn.BatchNorm1d)
+    return batch_norm
+
+
+def _closure_for(
+    model: nn.Module,
+    optimizer: grng.RENG | grng.KFAC,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    create_graph: bool = False,
+) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(create_graph=create_graph)
+        return loss
+
+    return closure
+
+
+def _fixed_mask_hvp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    """H∇L by double backprop on one forward, whose dropout masks come from ``seed``."""
+    model = copy.deepcopy(model)  # keep the caller's batch-norm statistics
+    params = list(model.parameters())
+    torch.manual_seed(seed)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    product = torch.autograd.grad(0.5 * torch.stack([g.pow(2).sum() for g in grads]).sum(), params)
+    return torch.cat([h.flatten() for h in product])
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def test_finite_difference_replays_dropout_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _noisy_net()
+    x, y = _data()
+    optimizer = grng.RENG(model, rho=1.0, hvp="finite_difference")
+    products: list[dict[torch.Tensor, torch.Tensor]] = []
+    compute = optimizer._finite_difference_product
+
+    def record(
+        grads: dict[torch.Tensor, torch.Tensor], closure: Callable[[], torch.Tensor]
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        products.append(compute(grads, closure))
+        return products[-1]
+
+    monkeypatch.setattr(optimizer, "_finite_difference_product", record)
+    expected = _fixed_mask_hvp(model, x, y, seed=5)
+    torch.manual_seed(5)
+    optimizer.step(_closure_for(model, optimizer, x, y))
+    (product,) = products
+    actual = torch.cat([product[p].flatten() for p in model.parameters()])
+    assert _relative_error(actual, expected) < 1e-6
+
+
+def test_finite_difference_step_with_dropout_matches_the_exact_step() -> None:
+    x, y = _data()
+    updates = []
+    for hvp in ("finite_difference", "exact"):
+        model = _noisy_net()
+        optimizer = grng.RENG(model, rho=1.0, hvp=hvp, kl_clip=None, momentum=0.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.manual_seed(5)  # the same dropout masks for both
+        optimizer.step(_closure_for(model, optimizer, x, y, create_graph=hvp == "exact"))
+        steps = zip(model.parameters(), before, strict=True)
+        updates.append(torch.cat([(p - b).flatten() for p, b in steps]))
+    assert _relative_error(updates[0], updates[1]) < 1e-6
+
+
+def test_finite_difference_continues_the_random_stream_as_one_closure_call() -> None:
+    x, y = _data()
+    draws = []
+    for make in (
+        lambda m: grng.KFAC(m),
+        lambda m: grng.RENG(m, rho=1.0, hvp="finite_difference"),
+    ):
+        model = _noisy_net()
+        optimizer = make(model)
+        torch.manual_seed(5)
+        optimizer.step(_closure_for(model, optimizer, x, y))
+        draws.append(torch.rand(8))
+    assert torch.equal(draws[1], draws[0])
+
+
+def test_finite_difference_leaves_batchnorm_statistics_alone() -> None:
+    x, y = _data()
+    reference = _noisy_net()
+    torch.manual_seed(5)
+    reference(x)  # one forward in train mode: what one closure call does to the statistics
+    model = _noisy_net()
+    optimizer = grng.RENG(model, rho=1.0, hvp="finite_difference")
+    torch.manual_seed(5)
+    optimizer.step(_closure_for(model, optimizer, x, y))
+    batch_norm, expected = _batch_norm(model), _batch_norm(reference)
+    assert batch_norm.num_batches_tracked == 1
+    torch.testing.assert_close(batch_norm.running_mean, expected.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(batch_norm.running_var, expected.running_var, rtol=0, atol=0)
+
+
+def test_finite_difference_pass_that_raises_restores_rng_and_buffers() -> None:
+    x, y = _data()
+    reference = _noisy_net()
+    torch.manual_seed(5)
+    reference(x)  # what the first closure call does to the RNG and the statistics
+    expected_draw = torch.rand(8)
+    model = _noisy_net()
+    optimizer = grng.RENG(model, rho=1.0, hvp="finite_difference")
+    calls: list[None] = []
+
+    def closure() -> torch.Tensor:
+        calls.append(None)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if len(calls) == 2:
+            # The perturbed pass moved the statistics and drew past the first call's draws.
+            torch.rand(3)
+            raise KeyboardInterrupt
+        loss.backward()
+        return loss
+
+    torch.manual_seed(5)
+    with pytest.raises(KeyboardInterrupt):
+        optimizer.step(closure)
+    batch_norm, expected = _batch_norm(model), _batch_norm(reference)
+    assert batch_norm.num_batches_tracked == 1
+    torch.testing.assert_close(batch_norm.running_mean, expected.running_mean, rtol=0, atol=0)
+    assert torch.equal(torch.rand(8), expected_draw)

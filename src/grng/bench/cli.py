@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 import torch
 
+import grng
 from grng.bench.optimizers import OPTIMIZERS, get_optimizer
 from grng.bench.tasks import TASKS, DataNotFoundError, Task, TaskData, get_task
 
@@ -263,7 +264,7 @@ def _prepare_out(args: argparse.Namespace, config: dict[str, Any]) -> Path:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from grng.bench import report
-    from grng.bench.runner import RunLog, run_suite, total_steps
+    from grng.bench.runner import RunLog, git_commit, run_suite, total_steps
 
     device = _check_common(args)
     protocol = _protocol(args)
@@ -276,8 +277,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         device = info.device
     main_rank = info is None or info.is_main
     ranks = f"{info.world_size} rank(s), {info.backend or 'no'} backend" if info else "1 process"
+    # The code that produced the results: in config.json, every run record, summary.md.
+    provenance = {"commit": git_commit(), "grng_version": grng.__version__}
     config = {"protocol": asdict(protocol), "device": str(device),
-              "tasks": args.tasks, "optimizers": args.optimizers}  # fmt: skip
+              "tasks": args.tasks, "optimizers": args.optimizers, **provenance}  # fmt: skip
     tasks = _load_tasks(args)
     out = _prepare_out(args, config) if main_rank else Path()
     if info is not None and info.world_size > 1:
@@ -288,7 +291,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         dist.broadcast_object_list(shared, src=0)
         out = Path(shared[0])
     specs = [get_optimizer(n) for n in args.optimizers]
-    log = RunLog(out / "runs.jsonl", write=main_rank)
+    log = RunLog(out / "runs.jsonl", write=main_rank, stamp=provenance)
 
     from tqdm import tqdm
 
@@ -315,13 +318,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     rows = report.summarize(records, task_objs, args.optimizers)
     report.write_csv(rows, out / "summary.csv")
     header = (
-        f"# grng bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+        f"# grng bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — grng "
+        f"{provenance['grng_version']}, commit {provenance['commit']}\n\n"
         f"{protocol.steps} steps (tuning {protocol.steps_for('tune')}), batch "
         f"{protocol.batch_size or 'task default'}, lr grid {protocol.lr_grid}, "
         f"{protocol.seeds} seeds, device {device}, {ranks}, {torch.get_num_threads()} "
         "thread(s) each; "
         f"test metric mean ± std over seeds; this invocation took {elapsed:.0f} s."
     )
+    # A --resume can summarise runs of earlier code: say so rather than imply one commit.
+    commits = sorted({str(r.get("commit", "unknown")) for r in records})
+    if commits != [provenance["commit"]]:
+        header += f" Runs come from commits {', '.join(commits)} (see runs.jsonl)."
     text = report.write_markdown(rows, task_objs, out / "summary.md", header)
     for name, task in task_objs.items():
         report.plot_task(records, task, args.optimizers, out / f"{name}.png")

@@ -8,24 +8,27 @@ RENG's second-order backward). The runner knows nothing optimizer-specific beyon
 
 Default learning rates (the centre of the log-spaced grid, see ``docs/benchmark.md``):
 
-========  =======  ==============================================================
-name      lr       where it comes from
-========  =======  ==============================================================
-sgd       0.1      momentum 0.9; the usual CIFAR/ResNet rate (torch has no default)
-adamw     1e-3     ``torch.optim.AdamW`` default (weight decay 0.01, its default)
-kfac      0.05     ``grng.KFAC`` default
-ring      0.05     ``grng.RING`` default
-reng      0.05     ``grng.RENG`` default (read from its signature when present)
-rkalman   0.05     ``grng.RKalman`` default
-sophia    3e-4     SophiaG's signature default is 1e-4 (GPT-2 scale); its update is
-                   clipped to ``lr`` per coordinate (an Adam-like scale), so we centre
-                   on AdamW's 1e-3 / 3. Hessian refresh every 10 steps as documented.
-sam       0.1      SGD momentum 0.9 as base (as ``sgd``), SAM radius ρ = 0.05 (paper)
-soap      3e-3     ``pytorch_optimizer.SOAP`` default
-========  =======  ==============================================================
+=============  =======  ==============================================================
+name           lr       where it comes from
+=============  =======  ==============================================================
+sgd            0.1      momentum 0.9; the usual CIFAR/ResNet rate (torch has no default)
+adamw          1e-3     ``torch.optim.AdamW`` default (weight decay 0.01, its default)
+kfac           0.05     ``grng.KFAC`` default
+ring           0.05     ``grng.RING`` default, with its default ``damping_form`` ("exact")
+ring-factored  0.05     ``grng.RING`` default, ``damping_form="factored"``: K-FAC's split
+                        damping (G + √γ/π I)⁻¹ ⊗ (A + π√γ I)⁻¹, RING's old behaviour
+reng           0.05     ``grng.RENG`` default (read from its signature when present)
+rkalman        0.05     ``grng.RKalman`` default
+sophia         3e-4     SophiaG's signature default is 1e-4 (GPT-2 scale); its update is
+                        clipped to ``lr`` per coordinate (an Adam-like scale), so we centre
+                        on AdamW's 1e-3 / 3. Hessian refresh every 10 steps as documented.
+sam            0.1      SGD momentum 0.9 as base (as ``sgd``), SAM radius ρ = 0.05 (paper)
+soap           3e-3     ``pytorch_optimizer.SOAP`` default
+=============  =======  ==============================================================
 
-The GRNG optimizers are listed only when ``grng`` has them (``hasattr``): a method that
-has not landed is absent, never stubbed.
+The GRNG optimizers are listed only when ``grng`` has them (``hasattr``), and a variant
+only when its class takes the keyword that selects it (``ring-factored`` needs RING's
+``damping_form``): a method that has not landed is absent, never stubbed.
 """
 
 from __future__ import annotations
@@ -203,15 +206,22 @@ def _data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _grng(cls_name: str) -> tuple[Factory, float]:
+def _grng_available(cls_name: str, options: dict[str, Any]) -> bool:
+    """``grng`` has the class and its signature names every keyword in ``options`` (the
+    classes refuse unknown hyperparameters, so a variant must wait for its keyword)."""
+    cls = getattr(grng, cls_name, None)
+    return cls is not None and set(options) <= set(inspect.signature(cls).parameters)
+
+
+def _grng(cls_name: str, options: dict[str, Any]) -> tuple[Factory, float]:
     cls = getattr(grng, cls_name)
 
     def factory(model: nn.Module, lr: float) -> Optimizer:
         if cls_name == "RENG" and _data_parallel():
             # DDP averages both backward passes of a finite difference, but does not
             # synchronise second-order gradients.
-            return cls(model, lr=lr, hvp="finite_difference")
-        return cls(model, lr=lr)
+            return cls(model, lr=lr, hvp="finite_difference", **options)
+        return cls(model, lr=lr, **options)
 
     default = inspect.signature(cls).parameters["lr"].default
     return factory, float(default)
@@ -222,15 +232,18 @@ def _build_registry() -> dict[str, OptimizerSpec]:
         OptimizerSpec("sgd", _sgd, 0.1, description="SGD, momentum 0.9"),
         OptimizerSpec("adamw", _adamw, 1e-3, description="torch AdamW"),
     ]
-    grng_methods = [
-        ("kfac", "KFAC", standard_step, "K-FAC (grng, empirical Fisher)"),
-        ("ring", "RING", standard_step, "RING: GR as adaptive damping (grng)"),
-        ("reng", "RENG", reng_step, "RENG: GR in the search gradient (grng)"),
-        ("rkalman", "RKalman", standard_step, "R-Kalman: Kalman inverse Fisher (grng)"),
-    ]
-    for name, cls_name, step, desc in grng_methods:
-        if hasattr(grng, cls_name):
-            factory, lr = _grng(cls_name)
+    # (name, class, train step, description, keywords passed besides lr)
+    grng_methods: list[tuple[str, str, TrainStep, str, dict[str, Any]]] = [
+        ("kfac", "KFAC", standard_step, "K-FAC (grng, empirical Fisher)", {}),
+        ("ring", "RING", standard_step, "RING: GR as adaptive damping (grng)", {}),
+        ("ring-factored", "RING", standard_step,
+         "RING with K-FAC's factored damping (grng)", {"damping_form": "factored"}),
+        ("reng", "RENG", reng_step, "RENG: GR in the search gradient (grng)", {}),
+        ("rkalman", "RKalman", standard_step, "R-Kalman: Kalman inverse Fisher (grng)", {}),
+    ]  # fmt: skip
+    for name, cls_name, step, desc, options in grng_methods:
+        if _grng_available(cls_name, options):
+            factory, lr = _grng(cls_name, options)
             specs.append(OptimizerSpec(name, factory, lr, step, desc))
     specs += [
         OptimizerSpec("sophia", _sophia, 3e-4, sophia_step, "SophiaG (sophia-opt), k = 10"),

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import grng
 from grng.bench.models import MLP, CharTransformer, Conv1dNet
 from grng.bench.optimizers import OptimizerSpec
-from grng.bench.runner import state_bytes
+from grng.bench.runner import git_commit, state_bytes
 from grng.bench.tasks import get_task
 
 __all__ = ["model_configs", "run"]
@@ -158,6 +159,7 @@ def run(
     the reference) even if not asked for."""
     from grng.bench.optimizers import get_optimizer
 
+    commit = git_commit()  # before measuring: the checkout may change while we do
     specs = list(optimizers)
     if "adamw" not in [s.name for s in specs]:
         specs.insert(0, get_optimizer("adamw"))
@@ -182,7 +184,8 @@ def run(
                 r["memory_rel"] = r["memory_mb"] / base["memory_mb"]
             rows += group
     header = (
-        f"# grng bench overhead\n\n{steps} timed steps after {WARMUP_STEPS} warm-up, device "
+        f"# grng bench overhead — grng {grng.__version__}, commit {commit}\n\n"
+        f"{steps} timed steps after {WARMUP_STEPS} warm-up, device "
         f"{device}, {torch.get_num_threads()} thread(s); memory = parameters + gradients + "
         "optimizer state.\n"
     )

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+import grng
 from grng.bench.optimizers import OptimizerSpec, math_attention
 from grng.bench.tasks import Task, TaskData
 from grng.distributed import DistributedInfo
@@ -50,6 +52,7 @@ __all__ = [
     "RunLog",
     "RunSpec",
     "choose_lr",
+    "git_commit",
     "hessian_top_eigenvalue",
     "lr_grid",
     "state_bytes",
@@ -142,6 +145,26 @@ def run_key(task: str, optimizer: str, lr: float, seed: int, phase: str) -> RunK
     """Identity of a run in ``runs.jsonl``; the rate is rounded so that recomputing a grid
     point gives the same key."""
     return (task, optimizer, f"{lr:.6g}", int(seed), phase)
+
+
+def git_commit() -> str:
+    """``git describe --always --dirty`` of the checkout ``grng`` is imported from, or
+    ``"unknown"`` (git missing, not a checkout): provenance never stops a benchmark."""
+    source = Path(grng.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), *args],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    try:
+        # The checkout must track grng itself: a wheel installed into a virtualenv that
+        # sits inside some other repository must not report that repository's commit.
+        git("ls-files", "--error-unmatch", "__init__.py")
+        return git("describe", "--always", "--dirty") or "unknown"
+    except (OSError, subprocess.SubprocessError):  # no git, not a repository, timeout
+        return "unknown"
 
 
 # --------------------------------------------------------------------------- measurements
@@ -469,10 +492,14 @@ def _json_safe(obj: Any) -> Any:
 
 
 class RunLog:
-    """``runs.jsonl``: one JSON object per finished run, appended and flushed at once."""
+    """``runs.jsonl``: one JSON object per finished run, appended and flushed at once.
 
-    def __init__(self, path: Path, write: bool = True) -> None:
+    ``stamp`` (e.g. the commit and ``grng.__version__``) is added to every record this log
+    appends: a resumed suite can mix runs of several versions, so each line says its own."""
+
+    def __init__(self, path: Path, write: bool = True, stamp: dict[str, Any] | None = None) -> None:
         self.path = path
+        self.stamp = dict(stamp or {})
         #: Only one process writes (rank 0 under --distributed); the others keep the same
         #: records in memory so that every rank tunes and resumes identically.
         self.write = write
@@ -495,7 +522,7 @@ class RunLog:
         }
 
     def append(self, record: dict[str, Any]) -> None:
-        record = _json_safe(record)
+        record = _json_safe({**record, **self.stamp})
         self.records.append(record)
         if not self.write:
             return

@@ -13,17 +13,43 @@ contributes both calls, each matched with its own gradient.
 Sums are kept in float32 (float64 if the parameters are float64), whatever
 dtype autocast computes the layer in.
 
-Normalisation (``G`` scaled by the number of examples so that it estimates the
-per-example Fisher of a *mean* loss)::
+Normalisation. ``G`` estimates ``(1/M) Σ_rows g gᵀ``, where ``g = ∂ℓ_i/∂s`` are
+the output gradients of the individual terms of a loss ``(1/M) Σ_i ℓ_i`` (or
+``Σ_i ℓ_i``) and the rows are those of every term::
 
     A = Σ a aᵀ / rows_A
-    G = (Σ ĝ ĝᵀ) · examples / uses
+    G = n · Σ ĝ ĝᵀ       loss_reduction="mean" (default): ĝ = g / M
+    G = Σ ĝ ĝᵀ / n       loss_reduction="sum":            ĝ = g
+    n = examples / uses
 
-where ``ĝ`` are the captured output gradients (of the mean loss), ``examples``
-the examples behind them summed over every backward since the last commit
-(gradient accumulation), and ``uses`` how many times the layer ran per
-forward of the model (a reused layer sees each example several times, but
-the loss still averages over it once).
+where ``ĝ`` are the captured output gradients, ``examples`` the layer's examples
+(every leading index of a Linear's input, the batch of a convolution; see
+:mod:`grng.curvature.layers`) summed over every backward since the last clear
+(gradient accumulation: a mean loss over ``k`` micro-batches is divided by
+``k`` as usual, a summed one is not), and ``uses`` how many times the layer ran
+per forward of the model (a reused layer sees each example several times, but
+the loss still averages over it once). For the training loss the library
+cannot know ``M``, so it takes ``M = n``: one loss term per example the layer
+counts, as for cross-entropy over ``(B, T, C)`` logits or a per-image loss
+after a convolution. A loss with fewer terms, e.g. a sum over the ``T``
+positions averaged over ``B``, gets a Linear layer's ``G`` ``T`` times too
+large.
+
+Monte-Carlo passes (``fisher="mc"``): the library builds the loss of
+:meth:`CurvatureCapture.fisher_pass` (:func:`grng.curvature.sampled_nll`, always
+a mean, whatever ``loss_reduction`` says) and passes its number of terms
+``M_p`` (:func:`grng.curvature.fisher.loss_terms`), which replaces ``n``. Each
+pass ``p`` since the last clear is its own mean (``ĝ = g / M_p``), so::
+
+    G = Σ_p M_p² Σ_{rows of p} ĝ ĝᵀ / Σ_p M_p  =  Σ_p Σ_{rows of p} g gᵀ / Σ_p M_p
+
+(both sums over the passes that reached the layer): ``k`` micro-batch passes
+of ``b`` terms give the ``G`` of one pass over ``k·b`` terms. The Gaussian
+likelihood has one term per batch example (summing over its positions, pixels
+and outputs, the natural loss for conv/image outputs), the categorical one a
+term per leading index of the logits. A pass without ``terms`` is normalised
+like the training loss; a layer's passes since the last clear should all give
+``terms`` or all omit it.
 
 Row store (opt-in, ``keep_rows=k``): besides the sums, each call keeps ``k`` of
 its rows (a uniformly random subset, seeded by ``row_seed``, the layer and the
@@ -32,7 +58,10 @@ by ``sqrt(rows / kept)`` so that ``Σ kept kept·keptᵀ`` is an unbiased estima
 of the call's ``Σ r rᵀ``, and exactly it when nothing was dropped.
 :meth:`CurvatureCapture.estimates` returns them as ``activation_rows`` ``U_A``
 and ``gradient_rows`` ``U_G`` (at most ``k`` each, re-subsampled the same way
-if several calls kept more), normalised like the factors::
+if several calls kept more), normalised like the factors (``U_A`` by
+``1/√rows_A``, ``U_G`` by the square root of ``G``'s factor above: ``√n``,
+``1/√n`` or ``1/√Σ_p M_p``, the rows of a Monte-Carlo pass having been scaled
+by ``M_p``)::
 
     U_Aᵀ U_A ≈ A,   U_Gᵀ U_G ≈ G.
 
@@ -63,6 +92,9 @@ class _LayerSums:
     activation_rows: int = 0
     examples: int = 0
     calls: int = 0
+    #: Σ_p M_p over the Monte-Carlo passes with known terms that reached the layer.
+    terms: int = 0
+    last_pass: int = 0
     activation_kept: list[Tensor] = field(default_factory=list)
     gradient_kept: list[Tensor] = field(default_factory=list)
 
@@ -92,16 +124,22 @@ class CurvatureCapture:
         keep_rows: ``None`` (default: sums only), or keep up to this many
             rows per layer per step (see "Row store" in the module docstring).
         row_seed: seeds the choice of kept rows; a caller sets it per step.
+        loss_reduction: ``"mean"`` or ``"sum"``, how the training loss reduces
+            over its terms (the scale of ``G``, see "Normalisation" in the
+            module docstring); Monte-Carlo passes are always means.
     """
 
     model: nn.Module
     layers: list[KroneckerLayer]
     fisher: str = "empirical"
     armed: bool = False
+    loss_reduction: str = "mean"
     keep_rows: int | None = None
     row_seed: int = 0
     _paused: int = 0
     _in_fisher_pass: bool = False
+    _fisher_terms: int | None = None
+    _fisher_passes: int = 0
     _forwards: int = 0
     _leading_examples: int = 0
     _empty_forwards: int = 0
@@ -109,6 +147,8 @@ class CurvatureCapture:
     _handles: list[RemovableHandle] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
         for layer in self.layers:
             for module in modules_using(self.model, layer):
                 self._handles.append(module.register_forward_hook(self._forward_hook(layer)))
@@ -172,6 +212,14 @@ class CurvatureCapture:
                 gradient=g_rows.new_zeros(g_rows.shape[1], g_rows.shape[1]),
             )
             self._sums[layer.name] = sums
+        terms = self._fisher_terms if self._in_fisher_pass else None
+        if terms is not None:
+            # A Monte-Carlo pass is the mean of its own M_p terms: M_p ĝ = g, the
+            # per-term gradients; M_p counts once per pass, however often the layer ran.
+            g_rows = g_rows * terms
+            if sums.last_pass != self._fisher_passes:
+                sums.terms += terms
+                sums.last_pass = self._fisher_passes
         sums.activation.addmm_(a_rows.T, a_rows)
         sums.gradient.addmm_(g_rows.T, g_rows)
         if self.keep_rows is not None:
@@ -207,13 +255,22 @@ class CurvatureCapture:
             self._paused -= 1
 
     @contextmanager
-    def fisher_pass(self) -> Iterator[None]:
-        """In ``fisher="mc"`` mode, output gradients are taken only inside this block."""
+    def fisher_pass(self, terms: int | None = None) -> Iterator[None]:
+        """In ``fisher="mc"`` mode, output gradients are taken only inside this block.
+
+        Args:
+            terms: ``M_p``, the number of terms the block's loss averages over
+                (:func:`grng.curvature.fisher.loss_terms`); ``None`` normalises
+                the pass like the training loss (module docstring).
+        """
         self._in_fisher_pass = True
+        self._fisher_terms = terms
+        self._fisher_passes += 1
         try:
             yield
         finally:
             self._in_fisher_pass = False
+            self._fisher_terms = None
 
     @property
     def only_empty_batches(self) -> bool:
@@ -233,21 +290,30 @@ class CurvatureCapture:
     def _uses(self, sums: _LayerSums) -> float:
         return max(1.0, sums.calls / max(1, self._forwards))
 
+    def _gradient_scale(self, sums: _LayerSums, examples: float) -> float:
+        """What ``Σ ĝ ĝᵀ`` is multiplied by to give ``G`` (``examples`` is ``n``)."""
+        if sums.terms:
+            return 1.0 / sums.terms  # Monte-Carlo passes, rows already scaled by M_p
+        if self.loss_reduction == "sum":
+            return 1.0 / examples  # ĝ = g, the per-term gradients
+        return examples  # ĝ = g / n
+
     def estimates(self) -> dict[str, FactorEstimate]:
         """This step's factor estimates per layer name (see the module docstring)."""
         out = {}
         for name, s in self._sums.items():
             examples = s.examples / self._uses(s)
+            scale = self._gradient_scale(s, examples)
             a_rows = g_rows = None
             if self.keep_rows is not None:
                 salt = zlib.crc32(name.encode())
                 a_rows = self._keep(torch.cat(s.activation_kept), 2 * salt)
                 g_rows = self._keep(torch.cat(s.gradient_kept), 2 * salt + 1)
                 a_rows = a_rows / s.activation_rows**0.5
-                g_rows = g_rows * examples**0.5
+                g_rows = g_rows * scale**0.5
             out[name] = FactorEstimate(
                 activation_factor=s.activation / s.activation_rows,
-                gradient_factor=s.gradient * examples,
+                gradient_factor=s.gradient * scale,
                 examples=examples,
                 activation_rows=a_rows,
                 gradient_rows=g_rows,

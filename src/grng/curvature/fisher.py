@@ -34,6 +34,7 @@ def sampled_nll(
 
     The samples are drawn without gradient; only the log-likelihood term is
     differentiated, so its gradient is ``∇log p(y|x)`` at the sampled ``y``.
+    The loss is a mean of :func:`loss_terms` terms ``ℓ_i``.
     """
     if likelihood == "categorical":
         logits = outputs.reshape(-1, outputs.shape[-1])
@@ -48,4 +49,19 @@ def sampled_nll(
             )
             targets = outputs + noise
         return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1).mean()
+    raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
+
+
+def loss_terms(outputs: Tensor, likelihood: Likelihood = "categorical") -> int:
+    """``M``, the number of terms :func:`sampled_nll` averages over.
+
+    ``"categorical"``: every leading index (``outputs.numel() / C``);
+    ``"gaussian"``: the batch (``outputs.shape[0]``), each term summing over the
+    example's other dimensions (positions, pixels, outputs). The gradient factor
+    of a Monte-Carlo pass is normalised by it (see :mod:`grng.curvature.capture`).
+    """
+    if likelihood == "categorical":
+        return outputs.numel() // max(1, outputs.shape[-1])
+    if likelihood == "gaussian":
+        return outputs.shape[0]
     raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")

@@ -5,9 +5,10 @@ kinds of rows that Kronecker factors are built from, and how to move between
 the module's parameters and the gradient *matrix* ``V`` of shape
 ``(d_out, d_in [+1])`` that the factored preconditioner acts on:
 
-* activation rows ``a`` (the layer's input, with a trailing 1 when the layer
-  has a bias, so the bias is folded in as an extra input column), giving
-  ``A = E[a aᵀ]``;
+* activation rows ``a`` (the layer's input, with a trailing bias column when
+  the layer has a bias, so the bias is folded in as an extra input column: 1
+  for a call of a module whose bias *is* the layer's, 0 for a weight-tied twin
+  without it), giving ``A = E[a aᵀ]``;
 * output-gradient rows ``g`` (the gradient of the loss w.r.t. the layer's
   output), giving ``G = E[g gᵀ]``.
 
@@ -63,7 +64,12 @@ class KroneckerLayer:
         else:
             rows = inputs.reshape(-1, inputs.shape[-1])
         if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            # The bias column is 1 where this call adds the layer's bias. A tied twin
+            # without it (no bias, or its own) shares only the weight: its rows get 0,
+            # so that Σ g aᵀ still reproduces the owner's bias gradient.
+            acts = getattr(self.module, "bias", None) is self.bias
+            column = rows.new_full((rows.shape[0], 1), 1.0 if acts else 0.0)
+            rows = torch.cat([rows, column], dim=1)
         return rows
 
     def gradient_rows(self, grad_output: Tensor) -> tuple[Tensor, int]:

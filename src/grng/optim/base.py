@@ -89,17 +89,12 @@ class CurvatureOptimizer(Optimizer):
 
     #: The per-group hyperparameters a constructor may put in ``defaults``; any other
     #: keyword (a typo such as ``dampin=``) is refused with a TypeError naming it.
-    hyperparameters: tuple[str, ...] = ("lr", "damping", "momentum", "weight_decay", "rho")
+    hyperparameters: tuple[str, ...] = ("lr", "damping", "momentum", "weight_decay")
 
     def __init__(self, model: nn.Module, defaults: dict[str, Any], options: CurvatureOptions):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        unknown = sorted(set(defaults) - set(self.hyperparameters))
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} got unexpected keyword argument(s) "
-                f"{', '.join(map(repr, unknown))}"
-            )
+        self._refuse_unknown_hyperparameters(defaults)
         check_group_hyperparameters(defaults)
         params = _trainable_parameters(model)
         if not params:
@@ -114,7 +109,9 @@ class CurvatureOptimizer(Optimizer):
             p: layer for layer in self.layers for p in layer.params
         }
         self._param_names = {p: strip_wrapper_prefix(n, model) for n, p in model.named_parameters()}
-        self.capture = CurvatureCapture(model, self.layers, options.fisher)
+        self.capture = CurvatureCapture(
+            model, self.layers, options.fisher, loss_reduction=options.loss_reduction
+        )
         self.capture.armed = True
         self.distributor: Distributor = make_distributor(options.distributed)
         #: Layer name -> the rank that computes its refreshed curvature when sharding.
@@ -144,10 +141,20 @@ class CurvatureOptimizer(Optimizer):
             raise
 
     # ------------------------------------------------------------------ groups
+    def _refuse_unknown_hyperparameters(self, group: dict[str, Any]) -> None:
+        unknown = sorted(set(group) - set(self.hyperparameters) - {"params"})
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, unknown))}; its hyperparameters are "
+                f"{', '.join(self.hyperparameters)}"
+            )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As in torch.optim; parameters added here get the diagonal fallback."""
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if self.defaults:  # during Optimizer.__init__ the defaults were checked already
+            self._refuse_unknown_hyperparameters(param_group)
             check_group_hyperparameters(merged)
         super().add_param_group(param_group)
 
@@ -196,6 +203,12 @@ class CurvatureOptimizer(Optimizer):
         It samples ``y ~ p(y|x)`` (see :func:`grng.curvature.sampled_nll`) and
         back-propagates that loss to the Kronecker layers only (``.grad`` is not
         touched). It is free on steps that do not capture statistics.
+
+        Each call is the mean of its own ``M`` terms (:func:`grng.curvature.fisher.loss_terms`:
+        every leading index of categorical logits, the batch for the Gaussian),
+        whatever ``loss_reduction`` says; over the calls since the last step
+        (micro-batches) ``G = Σ_p Σ_rows g gᵀ / Σ_p M_p`` for the per-term output
+        gradients ``g`` (see :mod:`grng.curvature.capture`, "Normalisation").
         """
         if self.options.fisher != "mc":
             raise RuntimeError(
@@ -205,7 +218,10 @@ class CurvatureOptimizer(Optimizer):
             return
         if self._fisher_generator is None or self._fisher_generator.device != outputs.device:
             self._fisher_generator = self._new_fisher_generator(outputs.device)
-        with torch.enable_grad(), self.capture.fisher_pass():
+        from grng.curvature.fisher import loss_terms
+
+        terms = loss_terms(outputs, likelihood)
+        with torch.enable_grad(), self.capture.fisher_pass(terms):
             loss = sampled_nll(outputs, likelihood, self._fisher_generator)
             weights = [layer.weight for layer in self.layers]
             torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
@@ -262,7 +278,8 @@ class CurvatureOptimizer(Optimizer):
         examples = self.capture.examples if capturing else 0
         empty_batch = self.capture.only_empty_batches  # an empty batch has no statistics
         self.capture.clear()
-        if estimates and self.grad_scaler is not None:
+        if estimates and self.grad_scaler is not None and self.options.fisher == "empirical":
+            # Only the training loss is scaled; backward_fisher's sampled loss is not.
             estimates = _unscale(estimates, self.grad_scaler)
         if capturing:
             # Global statistics (and example count) before anything reads them, the
@@ -490,17 +507,19 @@ class CurvatureOptimizer(Optimizer):
         return [p for p in grads if p not in self._layer_of]
 
     def _update_diagonal(self, grads: dict[Tensor, Tensor], examples: int, finite: Tensor) -> None:
-        """Diagonal Fisher of fallback parameters: ``v ← β v + (1 − β) n g²``.
+        """Diagonal Fisher of fallback parameters: ``v ← β v + (1 − β) n ḡ²``.
 
-        ``g`` is the minibatch-mean gradient and ``n`` the examples behind it, so
-        ``n g²`` estimates the per-example second moment that the Kronecker
+        ``ḡ`` is the minibatch-mean gradient and ``n`` the examples behind it, so
+        ``n ḡ²`` estimates the per-example second moment that the Kronecker
         factors also estimate (exactly so when the mean gradient is small
-        against its noise).
+        against its noise). With ``loss_reduction="sum"`` the gradient ``g`` is
+        the sum ``n ḡ``, and the estimate ``g² / n`` is the same number.
         """
         beta = self.options.factor_decay
         n = max(1, examples)
+        scale = 1.0 / n if self.options.loss_reduction == "sum" else float(n)
         for p in self._fallback_params(grads):
-            estimate = grads[p].detach().to(statistics_dtype(p)).pow(2).mul_(n)
+            estimate = grads[p].detach().to(statistics_dtype(p)).pow(2).mul_(scale)
             running_average(self._diagonal_state(p), "fisher_diagonal", estimate, beta, finite)
 
     def _precondition(

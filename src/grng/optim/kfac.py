@@ -1,37 +1,52 @@
 """K-FAC: Kronecker-factored natural gradient with lazily refreshed inverses.
 
 Per Kronecker layer with running factors ``A`` (activations) and ``G`` (output
-gradients), gradient matrix ``V`` and damping ``γ``::
+gradients), gradient matrix ``V`` (``d_G × d_A``) and damping ``γ``, the direction
+is one of two damped solves (option ``damping_form``)::
 
-    Δ = (G + (√γ/π) I)⁻¹ V (A + π√γ I)⁻¹,    π = sqrt((tr A / dim A) / (tr G / dim G))
+    "factored" (K-FAC's default)  Δ = (G + (√γ/π) I)⁻¹ V (A + π√γ I)⁻¹,
+                                  π = sqrt((tr A / dim A) / (tr G / dim G))
+    "exact"    (RING's default)   vec Δ = (G ⊗ A + γ I)⁻¹ vec V
+                                  = Q_G [(Q_Gᵀ V Q_A) ⊘ (g aᵀ + γ)] Q_Aᵀ
+
+(row-major ``vec``; ``G = Q_G diag(g) Q_Gᵀ``, ``A = Q_A diag(a) Q_Aᵀ``). The
+factored form adds the cross terms ``(√γ/π) I ⊗ A + π√γ G ⊗ I`` to the damped
+matrix (Martens & Grosse 2015, §6.3); the exact form adds ``γ I`` only.
 
 The factors are running averages updated every ``factor_update_freq`` steps;
 what is expensive (eigenbases or inverses) is recomputed every
 ``inverse_update_freq`` steps:
 
-* ``inverse="eigh"`` stores the eigenbases of ``A`` and ``G``; any damping is then
-  applied exactly on every step (:func:`grng.linalg.kronecker_solve_eigh`).
-* ``inverse="newton_schulz"`` stores the damped inverses at the damping of the
-  refresh step, warm-started from the previous ones. A later step whose damping
-  differs by ``ε`` uses the first-order correction ``(M + εI)⁻¹ ≈ X − εX²``
-  while ``|ε|·‖X‖ ≤ |ε|/c_ref ≤ 1/2`` (relative error ≤ r²/(1−r) ≤ 2r² ≤ r); a
-  larger shift re-inverts that layer at once. With constant damping (K-FAC)
-  the shift is always zero.
+* ``inverse="eigh"`` stores the eigenbases of ``A`` and ``G``
+  (:func:`grng.linalg.eigh_factor`); any damping is then applied exactly on
+  every step, in either form (:func:`grng.linalg.kronecker_tikhonov_solve_eigh`,
+  :func:`grng.linalg.kronecker_solve_eigh`).
+* ``inverse="newton_schulz"`` (factored form only) stores the damped inverses
+  of the two factors at the damping of the refresh step, warm-started from the
+  previous ones (:func:`grng.linalg.damped_inverse`). With constant damping
+  (K-FAC, RENG) they are exact; a changed ``damping`` in ``param_groups`` is
+  noticed on the next step (Python floats compared, no sync) and re-inverts.
+  With adaptive damping (RING) a step whose side dampings differ by ``ε_G, ε_A``
+  from those of the stored inverses uses the first-order correction
+  ``(M + εI)⁻¹ ≈ X − εX²`` (:func:`grng.linalg.shifted_inverse_first_order`)
+  while its relative error bound ``r_G² + r_A² + r_G² r_A²``, ``r = |ε|/c_ref``
+  (:func:`grng.linalg.shift_error_bound`), is at most ``inverse_tol``, and
+  re-inverts that layer otherwise (one host sync per layer and step).
 
 Data parallel (:mod:`grng.distributed`): the factors are all-reduced on capture
 steps; with ``distributed="shard"`` each refresh computes the eigenbases/inverses
 of this rank's layers only and broadcasts them. A Newton–Schulz re-inversion
-forced by a large damping shift (RING) happens on every rank alike: the damping
-comes from the DDP-averaged gradient, identical everywhere.
+forced by a damping change happens on every rank alike: the damping comes from
+the DDP-averaged gradient or from ``param_groups``, identical everywhere.
 
-RING (:class:`grng.RING`) is this optimizer with the damping ``λ + ρ‖g‖²``.
+RING (:class:`grng.RING`) is this optimizer with the damping ``λ + ρ‖g‖²`` and
+the exact form.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from grng.curvature import FactorEstimate, KroneckerLayer
@@ -40,21 +55,22 @@ from grng.linalg import (
     eigh_factor,
     kronecker_solve_eigh,
     kronecker_solve_inverse,
+    kronecker_tikhonov_solve_eigh,
     pi_correction,
+    shift_error_bound,
     shifted_inverse_first_order,
     symmetrize,
 )
 from grng.optim.base import CurvatureOptimizer, running_average, sqrt_damping_split
 from grng.optim.options import (
     CurvatureOptions,
+    DampingForm,
     DistributedMode,
     FisherType,
     InverseMethod,
+    LossReduction,
     NonfinitePolicy,
 )
-
-#: Largest relative damping shift |ε|/c_ref served by the first-order correction.
-MAX_RELATIVE_SHIFT = 0.5
 
 
 class KFAC(CurvatureOptimizer):
@@ -67,9 +83,10 @@ class KFAC(CurvatureOptimizer):
         momentum: heavy-ball momentum μ on the preconditioned direction.
         weight_decay: decoupled weight decay (AdamW-style).
         factor_update_freq, inverse_update_freq, factor_decay, fisher, inverse,
-        kl_clip, nonfinite, inverse_tol, distributed: see
-        :class:`grng.optim.CurvatureOptions` (``distributed="auto"`` shards the
-        refreshes across ranks when a process group is initialised).
+        kl_clip, nonfinite, inverse_tol, distributed, damping_form, loss_reduction:
+            see :class:`grng.optim.CurvatureOptions` (``distributed="auto"`` shards
+            the refreshes across ranks when a process group is initialised;
+            ``damping_form="exact"`` needs ``inverse="eigh"``).
     """
 
     def __init__(
@@ -89,6 +106,8 @@ class KFAC(CurvatureOptimizer):
         nonfinite: NonfinitePolicy = "skip",
         inverse_tol: float = 1e-4,
         distributed: DistributedMode | None = "auto",
+        damping_form: DampingForm = "factored",
+        loss_reduction: LossReduction = "mean",
         **extra_defaults: Any,
     ) -> None:
         options = CurvatureOptions(
@@ -101,6 +120,8 @@ class KFAC(CurvatureOptimizer):
             nonfinite=nonfinite,
             inverse_tol=inverse_tol,
             distributed=distributed,
+            damping_form=damping_form,
+            loss_reduction=loss_reduction,
         )
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, **extra_defaults
@@ -190,14 +211,26 @@ class KFAC(CurvatureOptimizer):
                 if self.owns_curvature(layer):
                     self._invert(layer, self._layer_damping(layer, grad_sq, total_grad_sq))
                 else:
+                    self._record_inversion_damping(layer)
                     owner = self.curvature_owner[layer.name]
                     for side in ("activation", "gradient"):
                         state[f"{side}_inverse_method"] = f"broadcast from rank {owner}"
         self._share_curvature(refreshed)
 
+    def _record_inversion_damping(self, layer: KroneckerLayer) -> None:
+        """Remember ``group["damping"]`` (a Python number) that the inverses are computed at.
+
+        With constant damping a step compares it with the group's current value, no sync
+        needed, and re-inverts when a scheduler or the user changed it.
+        """
+        if not self.adaptive_damping:
+            damping = self._group_of(layer.weight)["damping"]
+            self._layer_state(layer)["inverted_at_damping"] = damping
+
     def _invert(self, layer: KroneckerLayer, gamma: Tensor) -> None:
         """Newton–Schulz inverses of both damped factors at damping γ, warm-started."""
         state = self._layer_state(layer)
+        self._record_inversion_damping(layer)
         gradient_damping, activation_damping = sqrt_damping_split(gamma, state["pi"])
         for side, damping in (("activation", activation_damping), ("gradient", gradient_damping)):
             result = damped_inverse(
@@ -218,12 +251,21 @@ class KFAC(CurvatureOptimizer):
         if "pi" not in state:
             # No curvature yet: the damped preconditioner of zero factors.
             return gradient_matrix / damping
+        gradient_eig = ("gradient_eigenvalues", "gradient_eigenvectors")
+        activation_eig = ("activation_eigenvalues", "activation_eigenvectors")
+        if self.options.damping_form == "exact":
+            return kronecker_tikhonov_solve_eigh(
+                gradient_matrix,
+                (state[gradient_eig[0]], state[gradient_eig[1]]),
+                (state[activation_eig[0]], state[activation_eig[1]]),
+                damping,
+            )
         gradient_damping, activation_damping = sqrt_damping_split(damping, state["pi"])
         if self.options.inverse == "eigh":
             return kronecker_solve_eigh(
                 gradient_matrix,
-                (state["gradient_eigenvalues"], state["gradient_eigenvectors"]),
-                (state["activation_eigenvalues"], state["activation_eigenvectors"]),
+                (state[gradient_eig[0]], state[gradient_eig[1]]),
+                (state[activation_eig[0]], state[activation_eig[1]]),
                 gradient_damping,
                 activation_damping,
             )
@@ -232,20 +274,26 @@ class KFAC(CurvatureOptimizer):
                 return gradient_matrix / damping  # a skipped step writes no inverse
             self._invert(layer, damping)
         if not self.adaptive_damping:
-            # Constant damping: the stored inverses are exact, two matmuls suffice.
+            # Constant damping between refreshes, unless a scheduler or the user changed
+            # group["damping"]: compare Python floats (no sync) and re-invert on a change.
+            if state.get("inverted_at_damping") != self._group_of(layer.weight)["damping"]:
+                if not bool(self._step_finite):
+                    return gradient_matrix / damping
+                self._invert(layer, damping)
             return kronecker_solve_inverse(
                 gradient_matrix, state["gradient_inverse"], state["activation_inverse"]
             )
-        shift = torch.stack(
-            [
-                (gradient_damping - state["gradient_damping"]).abs() / state["gradient_damping"],
-                (activation_damping - state["activation_damping"]).abs()
-                / state["activation_damping"],
-            ]
-        ).max()
-        if bool(shift > MAX_RELATIVE_SHIFT) and bool(self._step_finite):
-            # Outside the first-order correction's accuracy: re-invert (warm-started);
-            # not on a step that will be skipped (its result is discarded anyway).
+        # Adaptive damping (RING): serve the shifted damping by the first-order correction
+        # while its error bound holds, else re-invert (warm-started). One sync per layer.
+        gradient_bound = shift_error_bound(
+            gradient_damping - state["gradient_damping"], state["gradient_damping"]
+        )
+        activation_bound = shift_error_bound(
+            activation_damping - state["activation_damping"], state["activation_damping"]
+        )
+        bound = gradient_bound + activation_bound + gradient_bound * activation_bound
+        if bool(bound > self.options.inverse_tol) and bool(self._step_finite):
+            # Not on a step that will be skipped (its result is discarded anyway).
             self._invert(layer, damping)
         left = shifted_inverse_first_order(
             state["gradient_inverse"],

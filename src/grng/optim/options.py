@@ -17,6 +17,11 @@ FisherType = Literal["empirical", "mc"]
 InverseMethod = Literal["eigh", "newton_schulz"]
 NonfinitePolicy = Literal["skip", "raise"]
 GradNormScope = Literal["global", "layer"]
+#: How the damping γ enters a Kronecker block: ``"exact"`` ``(G ⊗ A + γ I)⁻¹``, or
+#: ``"factored"`` ``(G + (√γ/π) I)⁻¹ ⊗ (A + π√γ I)⁻¹`` (K-FAC's factored Tikhonov damping).
+DampingForm = Literal["exact", "factored"]
+#: How the training loss reduces over examples (sets the scale of the gradient factor).
+LossReduction = Literal["mean", "sum"]
 #: How curvature work is split across data-parallel ranks (see :mod:`grng.distributed`).
 DistributedMode = Literal["auto", "shard", "replicate"]
 
@@ -86,7 +91,14 @@ class CurvatureOptions:
         kl_clip: the KL-clip bound κ (Ba et al. 2017); ``None`` disables it.
         nonfinite: ``"skip"`` a step with non-finite gradients or statistics
             (nothing changes, a counter increments), or ``"raise"``.
-        inverse_tol: residual tolerance ``‖MX − I‖_F/√d`` of Newton–Schulz inverses.
+        inverse_tol: residual tolerance ``‖MX − I‖_F/√d`` of Newton–Schulz inverses,
+            and the bound on the relative error of their first-order damping shift.
+        damping_form: ``"exact"`` solves ``(G ⊗ A + γ I) Δ = V`` through the
+            factors' eigenbases (needs ``inverse="eigh"``); ``"factored"`` uses
+            K-FAC's ``(G + (√γ/π) I)⁻¹ V (A + π√γ I)⁻¹``.
+        loss_reduction: ``"mean"`` if the training loss averages over examples
+            (``F.cross_entropy``'s default), ``"sum"`` if it sums over them; the
+            factors estimate the per-example Fisher either way.
         distributed: data-parallel mode under ``torch.distributed`` (see
             :mod:`grng.distributed`). ``"shard"``: factors are all-reduced on
             capture steps and each rank computes only its share of the
@@ -107,6 +119,8 @@ class CurvatureOptions:
     nonfinite: NonfinitePolicy = "skip"
     inverse_tol: float = 1e-4
     distributed: DistributedMode | None = "auto"
+    damping_form: DampingForm = "factored"
+    loss_reduction: LossReduction = "mean"
 
     def __post_init__(self) -> None:
         # Stored as plain ints (a numpy integer would otherwise leak into step arithmetic).
@@ -125,6 +139,14 @@ class CurvatureOptions:
         check_real("inverse_tol", self.inverse_tol, low=0.0, low_open=True)
         if self.distributed is not None:
             check_choice("distributed", self.distributed, ("auto", "shard", "replicate"))
+        check_choice("damping_form", self.damping_form, ("exact", "factored"))
+        check_choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
+        if self.damping_form == "exact" and self.inverse != "eigh":
+            raise ValueError(
+                "damping_form='exact' needs inverse='eigh': Newton–Schulz stores damped "
+                "inverses of each factor, which can only serve the factored form; pass "
+                "inverse='eigh' or damping_form='factored'"
+            )
 
 
 def check_group_hyperparameters(group: dict[str, Any]) -> None:

@@ -20,6 +20,17 @@ The Hessian-gradient product ``H∇L = ∇(½‖∇L‖²)`` is computed one of 
   of the parameters' dtype: the classic forward-difference choice balancing the
   truncation error O(ε) against the rounding error O(eps·‖θ‖/ε) of evaluating
   ``θ + εĝ``; it is relative to ‖θ‖ because that sets the rounding of the sum.
+
+  The perturbed pass must see the same network as the clean one, so inside
+  :meth:`RENG.step` it replays the global RNG state (CPU, and every CUDA device
+  once CUDA is initialized) that the first closure call started from: dropout
+  draws the same masks. Afterwards the RNG is set to where the first call left
+  it, so the caller's random stream continues as if the closure had run once.
+  The model's buffers (BatchNorm running statistics, ``num_batches_tracked``)
+  are restored after the perturbed pass; in train mode BatchNorm normalises with
+  the batch statistics, so the perturbed forward is consistent with the clean one.
+  Randomness the closure draws from a ``torch.Generator`` of its own cannot be
+  replayed: that closure measures noise along with curvature.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -98,6 +110,31 @@ def _reaches_error_node(roots: Iterable[Tensor]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _RngState:
+    """The global RNG: the CPU generator and, once CUDA is initialized, every device's."""
+
+    cpu: Tensor
+    cuda: list[Tensor] | None
+
+    @classmethod
+    def now(cls) -> _RngState:
+        # Querying CUDA before it is initialized would initialize it; a closure that
+        # has not touched CUDA has not drawn from its generators either.
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _buffer_snapshot(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, copy of its value) for every buffer of ``model``, to undo a forward's updates."""
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
 class RENG(KFAC):
     """Preconditions ``∇L + ρ H∇L`` with the Kronecker-factored Fisher.
 
@@ -121,9 +158,11 @@ class RENG(KFAC):
     both of its backward passes, whereas it does not synchronise second-order
     gradients (``hvp="exact"`` raises there).
 
-    The closure must be deterministic (no dropout) for the finite difference to
-    measure curvature rather than noise; it runs once more at ``θ + εĝ``
-    (BatchNorm running statistics see that extra forward).
+    With ``hvp="finite_difference"`` the closure runs once more at ``θ + εĝ``,
+    replaying the global RNG of its first call (the same dropout masks), with the
+    model's buffers (BatchNorm running statistics) restored afterwards; the
+    random stream continues as after one call. Randomness drawn from the
+    closure's own ``torch.Generator`` is not replayed (see the module docstring).
 
     Args:
         model: the network to optimize.
@@ -138,6 +177,8 @@ class RENG(KFAC):
         hvp: ``"exact"`` or ``"finite_difference"`` (see the module docstring).
         **kwargs: as for :class:`grng.KFAC`.
     """
+
+    hyperparameters = (*KFAC.hyperparameters, "rho")
 
     def __init__(
         self,
@@ -159,6 +200,23 @@ class RENG(KFAC):
                 "its own H∇L. Use RENG(..., hvp='finite_difference') with optimizer.step(closure): "
                 "both of its backward passes are averaged by DDP."
             )
+        #: The global RNG state right before this step's first closure call, replayed
+        #: by the finite-difference pass; None outside :meth:`step`.
+        self._closure_rng: _RngState | None = None
+
+    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
+        """One optimization step; with finite differences the closure's randomness is replayed.
+
+        The base step calls the closure first: the RNG state taken here is the one
+        that call starts from, so the perturbed pass can draw the same dropout masks.
+        """
+        if closure is None or self.hvp != "finite_difference":
+            return super().step(closure)
+        self._closure_rng = _RngState.now()
+        try:
+            return super().step(closure)
+        finally:
+            self._closure_rng = None
 
     def _search_gradients(
         self, grads: dict[Tensor, Tensor], closure: Closure | None
@@ -249,7 +307,13 @@ class RENG(KFAC):
     def _finite_difference_product(
         self, grads: dict[Tensor, Tensor], closure: Closure
     ) -> dict[Tensor, Tensor]:
-        """``(∇L(θ + εĝ) − ∇L(θ))·‖g‖/ε``; θ and ``.grad`` are restored exactly."""
+        """``(∇L(θ + εĝ) − ∇L(θ))·‖g‖/ε``; θ, ``.grad`` and the buffers are restored exactly.
+
+        Inside :meth:`step` the closure replays the RNG state of the first call (the
+        same dropout masks), and the RNG is then set to where that call left it.
+        Called directly, outside a step, there is no first call's state to replay: the
+        closure draws from the current state, which is restored afterwards all the same.
+        """
         params = list(grads)
         clean = [grads[p].detach() for p in params]
         dtype = params[0].dtype
@@ -259,6 +323,10 @@ class RENG(KFAC):
         # A zero gradient has a zero product; the clamp only avoids 0/0.
         shift = (epsilon / norm.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
         saved = [p.detach().clone() for p in params]
+        # A second forward would move BatchNorm's running statistics (and count it).
+        buffers = _buffer_snapshot(self.model)
+        # Where the first closure call left the RNG: the caller's stream resumes there.
+        rng_after_first_call = _RngState.now()
         try:
             with torch.no_grad():
                 for p, g in zip(params, clean, strict=True):
@@ -266,6 +334,10 @@ class RENG(KFAC):
                     # The clean gradient is kept in ``clean``; starting from None makes the
                     # product right even for a closure that does not zero the gradients.
                     p.grad = None
+            if self._closure_rng is not None:
+                # Draw the very masks of the clean pass, or the difference measures the
+                # gap between two random sub-networks instead of the curvature.
+                self._closure_rng.restore()
             with torch.enable_grad(), self.capture.paused():
                 closure()
             perturbed = [
@@ -273,10 +345,13 @@ class RENG(KFAC):
                 for p in params
             ]
         finally:
+            rng_after_first_call.restore()
             with torch.no_grad():
                 for p, original, g in zip(params, saved, clean, strict=True):
                     p.copy_(original)
                     p.grad = g
+                for buffer, value in buffers:
+                    buffer.copy_(value)
         scale = (norm / epsilon).to(dtype)
         return {
             p: (g_plus - g) * scale.to(p.dtype)

@@ -6,10 +6,20 @@ model as damping: around θ, with ``g`` the minibatch gradient,
 
     δ = −(F + γ_t I)⁻¹ g,    γ_t = λ + ρ‖g_t‖²
 
-With the Kronecker-factored Fisher this is K-FAC whose damping follows the
-gradient norm: large while the gradient is large (cautious, first-order-like
-steps), falling to λ near a stationary point. ``grad_norm="global"`` uses the
-norm over all parameters of the optimizer, ``"layer"`` each block's own norm.
+With the Kronecker-factored Fisher ``F = G ⊗ A`` per layer the solve is exact
+(default ``damping_form="exact"``)::
+
+    vec δ = −(G ⊗ A + γ_t I)⁻¹ vec V = −Q_G [(Q_Gᵀ V Q_A) ⊘ (g aᵀ + γ_t)] Q_Aᵀ
+
+through the eigenbases refreshed every ``inverse_update_freq`` steps, so γ_t
+changes every step at no extra cost: large while the gradient is large
+(cautious, first-order-like steps), falling to λ near a stationary point.
+``damping_form="factored"`` uses K-FAC's factored damping instead,
+``(G + √γ_t/π I)⁻¹ ⊗ (A + π√γ_t I)⁻¹``, where ρ‖g‖² enters mostly through the
+cross terms, at order √γ_t (see :mod:`grng.optim.kfac`). ``grad_norm="global"``
+uses the norm over all parameters of the optimizer, ``"layer"`` each block's own
+norm. Parameters outside Kronecker layers get ``g / (v + γ_t)`` with their
+diagonal Fisher ``v``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from grng.optim.kfac import KFAC
-from grng.optim.options import GradNormScope, InverseMethod, check_choice
+from grng.optim.options import DampingForm, GradNormScope, InverseMethod, check_choice
 
 
 class RING(KFAC):
@@ -31,11 +41,14 @@ class RING(KFAC):
         rho: gradient-regularization strength ρ ≥ 0 (ρ = 0 is K-FAC).
         damping: base damping λ > 0.
         grad_norm: ``"global"`` or ``"layer"`` gradient norm in γ_t.
+        damping_form: ``"exact"`` (default) or ``"factored"`` (see the module
+            docstring); ``inverse="newton_schulz"`` needs ``"factored"``.
         **kwargs: as for :class:`grng.KFAC` (momentum, weight_decay,
             factor_update_freq, inverse_update_freq, inverse, kl_clip, ...).
     """
 
     adaptive_damping = True
+    hyperparameters = (*KFAC.hyperparameters, "rho")
 
     def __init__(
         self,
@@ -46,10 +59,19 @@ class RING(KFAC):
         *,
         grad_norm: GradNormScope = "global",
         inverse: InverseMethod = "eigh",
+        damping_form: DampingForm = "exact",
         **kwargs: Any,
     ) -> None:
         self.grad_norm = check_choice("grad_norm", grad_norm, ("global", "layer"))
-        super().__init__(model, lr=lr, damping=damping, rho=rho, inverse=inverse, **kwargs)
+        super().__init__(
+            model,
+            lr=lr,
+            damping=damping,
+            rho=rho,
+            inverse=inverse,
+            damping_form=damping_form,
+            **kwargs,
+        )
 
     def damping(
         self, group: dict[str, Any], block_grad_sq: Tensor, total_grad_sq: Tensor

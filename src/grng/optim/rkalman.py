@@ -26,17 +26,57 @@ first statistics, :func:`grng.linalg.pi_correction`). Forgetting would decay the
 prior away, so every update also absorbs ``c e_i e_iᵀ`` for ``m`` coordinates
 ``i`` in rotation (:func:`absorb_coordinates`), every coordinate at least once in
 any ``L = ⌈d/m⌉`` consecutive updates. With ``c = λ_f (1 − β^L)/β^{L−1}`` and the
-prior ``Λ_0 = (λ_f/β^{L−1}) I`` the floor part of ``Λ`` is a diagonal ``D`` whose
-entries stay in ``[λ_f, λ_f/β^{L−1}]`` after every update (the fixed point of
-``x ← β^L x + c`` is ``λ_f/β^{L−1}``, and ``L − 1`` decays take it to ``λ_f``),
-so ``Λ ⪰ λ_f I`` and ``‖P‖₂ ≤ 1/λ_f``. The price: a coordinate just absorbed is
-damped up to ``β^{−(L−1)}`` times more than the floor.
+prior ``Λ_0 = (λ_f/β^{L−1}) I`` the floor part of ``Λ`` is a diagonal ``D`` with
+``D ⪰ λ_f I`` after every update, so ``Λ ⪰ λ_f I`` and ``‖P‖₂ ≤ 1/λ_f``; its entries
+settle in the band ``[λ_f, λ_f/β^{L−1}]`` (the fixed point of ``x ← β^L x + c`` is
+``λ_f/β^{L−1}``, and ``L − 1`` decays take it to ``λ_f``). The price: a coordinate
+just absorbed is damped up to ``β^{−(L−1)}`` times more than the floor. The upper
+end has two qualifications: the uniform prior sits above the band for the
+coordinates first absorbed early in the first cycle, so after ``t`` updates
+``D ≤ (1 + β^t (1 − β^{L−1})) λ_f/β^{L−1}``, the excess fading like the data; and
+when ``m`` does not divide ``d`` the rotation absorbs some coordinates twice in a
+cycle, which holds them higher, up to about ``2λ_f/β^{L−1}`` (≈ 2.03 λ_f for
+``d = 33, m = 32``).
+
+The floor follows ``damping``. Every update recomputes ``λ_A, λ_G`` from the group's
+current ``damping`` and the π of the first statistics (kept in the state as
+``pi``), so a changed damping (a scheduler, a user) is what the next absorbed
+coordinates receive, and every coordinate has received it within one cycle of
+``L`` updates. What was absorbed before forgets like the data: ``n`` updates after
+the change ``D = D' + β^n (D_0 − D'_0)``, with ``D'`` the floor part had the new
+damping always been in force, so the old floor's weight is ``β^n`` (0.36 after 20
+updates, 0.1 after 45, for β = 0.95): the new band ``[λ_f', λ_f'/β^{L−1}]`` (and
+``‖P‖₂ ≤ 1/λ_f'``) is reached at that rate, not at once. Accumulation
+(``forgetting=False``) has no floor: its prior ``λ_f I`` is set at the first update
+and never forgotten, so a later change of ``damping`` cannot act; the optimizer
+warns once when it sees one.
 
 Step. ``Δ = c_t² P_G V P_A`` per layer (two matmuls), ``c_t = 1 − β^t`` after ``t``
 updates with forgetting (the data's total weight in ``Λ_t``: ``Λ_t / c_t`` is the
 bias-corrected average, whose inverse is ``c_t P``), ``c_t = 1`` when accumulating;
-parameters outside Kronecker
-layers use the base's diagonal fallback. Gradient regularisation
+parameters outside Kronecker layers use the base's diagonal fallback.
+
+Effective damping: a warm-up, on purpose. Write ``Λ_t = M_t + D_t``, with
+``M_t = Σ_s (1 − β) β^{t−s} U_s U_sᵀ`` the data and ``D_t`` the floor part. The
+step's ``c_t P = (M_t/c_t + D_t/c_t)⁻¹`` bias-corrects both, so the damping a
+factor applies after ``t`` updates is ``D_t/c_t``: entries from ``λ_A/c_t`` to
+``λ_A/(c_t β^{L−1})`` for ``A`` (``λ_G`` for ``G``; the band above, with its
+qualifications), and the factored damping of the product is
+``λ_A λ_G / c_t² = λ/c_t²``. For β = 0.95: 400 λ at the first update
+(``c_1 = 0.05``), 105 λ at the 2nd, 19.5 λ at the 5th, 6.2 λ at the 10th, 2.43 λ at
+the 20th; within 10% of the floor after 47 updates per factor (``1/c_t ≤ 1.1``) and
+60 for the product (``1/c_t² ≤ 1.1``). ``t`` counts filter updates, i.e. capture
+steps: with ``factor_update_freq = 10`` the warm-up spans 600 optimizer steps. It
+is kept on purpose: (1) bias-correcting ``M_t`` alone would need the inverse of
+``M_t + c_t D_t``, which differs from one forgetting update of its predecessor by
+the full-rank diagonal ``(c_t − c_{t−1}) β D_{t−1}``: no low-rank Kalman update
+makes it, so ``P`` would need the inversion this method exists to avoid; (2) while
+``M_t`` holds few batches (rank ``≤ k`` each, noisy) the larger damping keeps the
+first steps short, like a learning-rate warm-up, erring on the safe side: without
+the correction the first steps were up to ``1/c_t²`` too long and diverged a CNN
+(``test_regression_forgetting_bias_inflated_early_steps_and_diverged_a_cnn``).
+
+Gradient regularisation
 ``L_G = L + (ρ/2)‖∇L‖²`` enters as a scalar along Δ: its quadratic model
 ``L_G(θ − tΔ) ≈ L_G − t gᵀΔ + ½ t² (ΔᵀFΔ + ρ‖g‖²‖Δ‖²)``, with ``ΔᵀFΔ = gᵀΔ`` when
 ``F = P⁻¹``, is minimised by::
@@ -50,6 +90,9 @@ lengthens the step. Then KL clip, momentum and weight decay as in the base.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from typing import Any
 
 import torch
@@ -61,6 +104,7 @@ from grng.optim.base import Closure, CurvatureOptimizer, sqrt_damping_split
 from grng.optim.options import (
     CurvatureOptions,
     FisherType,
+    LossReduction,
     NonfinitePolicy,
     check_bool,
     check_int,
@@ -104,6 +148,17 @@ def absorb_coordinates(covariance: Tensor, index: Tensor, information: Tensor) -
     return _downdate(covariance, pu, pu.index_select(0, index), 1 / information, 1.0)
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside grng
+    and torch (the user's ``optimizer.step()``), from the function that warns."""
+    grng_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inside = (grng_dir + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def floor_schedule(dim: int, columns: int, decay: float) -> tuple[int, float, float]:
     """``(L, c/λ_f, Λ_0/λ_f)`` of the rotating floor: ``L = ⌈d/m⌉`` updates per cycle,
     information ``c = λ_f (1 − β^L)/β^{L−1}`` per coordinate absorbed, prior
@@ -119,7 +174,17 @@ class RKalman(CurvatureOptimizer):
         model: the network to optimize.
         lr: learning rate η.
         rho: gradient-regularization strength ρ ≥ 0 (ρ = 0: α = 1).
-        damping: the floor λ of the factored information (``λ_A λ_G = λ``).
+        damping: the floor λ of the factored information (``λ_A λ_G = λ``,
+            split by π). The step's effective damping starts above it on
+            purpose (a warm-up, see the module docstring): after ``t`` updates
+            each factor is damped by its floor part over ``c_t = 1 − β^t``
+            (``λ_A/c_t … λ_A/(c_t β^{L−1})``), the product by ``λ/c_t²``:
+            400 λ at the first update for β = 0.95, 2.43 λ at the 20th,
+            within 10% of λ after 60. Read at every update: with forgetting a
+            change moves the absorbed floor at once, reaches every coordinate
+            within one cycle of ``L`` updates and replaces the old floor at the
+            forgetting rate ``β^n``; with ``forgetting=False`` it has no effect
+            (warned once).
         momentum, weight_decay: as for :class:`grng.KFAC`.
         forgetting: ``True``: ``Λ ← βΛ + (1 − β)UUᵀ`` with ``β = factor_decay``
             and the rotating floor; ``False``: ``Λ ← Λ + UUᵀ`` from the prior
@@ -129,9 +194,12 @@ class RKalman(CurvatureOptimizer):
         floor_columns: m, coordinates of the floor absorbed per update (≤ k
             keeps every solve innovation-sized); default k.
         seed: seeds which rows are kept.
-        factor_update_freq, factor_decay, fisher, kl_clip, nonfinite: see
-            :class:`grng.optim.CurvatureOptions` (no inverses are refreshed).
+        factor_update_freq, factor_decay, fisher, kl_clip, nonfinite,
+        loss_reduction: see :class:`grng.optim.CurvatureOptions` (no inverses
+            are refreshed).
     """
+
+    hyperparameters = (*CurvatureOptimizer.hyperparameters, "rho")
 
     def __init__(
         self,
@@ -151,6 +219,7 @@ class RKalman(CurvatureOptimizer):
         fisher: FisherType = "empirical",
         kl_clip: float | None = 1e-3,
         nonfinite: NonfinitePolicy = "skip",
+        loss_reduction: LossReduction = "mean",
     ) -> None:
         options = CurvatureOptions(
             factor_update_freq=factor_update_freq,
@@ -158,6 +227,7 @@ class RKalman(CurvatureOptimizer):
             fisher=fisher,
             kl_clip=kl_clip,
             nonfinite=nonfinite,
+            loss_reduction=loss_reduction,
         )
         if forgetting and factor_decay == 0.0:
             raise ValueError("factor_decay must be in (0, 1) with forgetting=True, got 0.0")
@@ -172,6 +242,7 @@ class RKalman(CurvatureOptimizer):
         )
         super().__init__(model, defaults, options)
         self.capture.keep_rows = self.rows_per_update
+        self._warned_damping = False
         self._seed_rows()
 
     def _seed_rows(self) -> None:
@@ -200,6 +271,7 @@ class RKalman(CurvatureOptimizer):
             state = self._layer_state(layer)
             if "activation_covariance" not in state:
                 self._initialise(layer, state, estimate, finite)
+            self._follow_damping(layer, state)
             for side, rows in (
                 ("activation", estimate.activation_rows),
                 ("gradient", estimate.gradient_rows),
@@ -221,6 +293,9 @@ class RKalman(CurvatureOptimizer):
         damping = torch.as_tensor(self._group_of(layer.weight)["damping"], dtype=pi.dtype)
         gradient_floor, activation_floor = sqrt_damping_split(damping.to(pi.device), pi)
         beta = self.options.factor_decay
+        state["pi"] = pi  # the split of every later damping (_follow_damping)
+        if not self.forgetting:
+            state["prior_damping"] = float(self._group_of(layer.weight)["damping"])
         for side, floor, dim in (
             ("activation", activation_floor, layer.activation_dim),
             ("gradient", gradient_floor, layer.gradient_dim),
@@ -230,6 +305,33 @@ class RKalman(CurvatureOptimizer):
             state[f"{side}_covariance"] = eye / (floor * prior)
             state[f"{side}_floor"] = floor
             state[f"{side}_floor_cursor"] = torch.zeros((), dtype=torch.int64, device=pi.device)
+
+    def _follow_damping(self, layer: KroneckerLayer, state: dict[str, Any]) -> None:
+        """The floor ``λ_A, λ_G`` from the group's current damping, split by the stored π.
+
+        With forgetting the next absorbed coordinates get it (module docstring);
+        accumulating has a fixed prior, so a change there can only be warned about.
+        """
+        damping = float(self._group_of(layer.weight)["damping"])
+        if "pi" not in state:  # a state saved before π was stored: λ_A/λ_G = π²
+            state["pi"] = torch.sqrt(state["activation_floor"] / state["gradient_floor"])
+        if not self.forgetting:
+            prior = state.setdefault("prior_damping", damping)
+            if damping != prior and not self._warned_damping:
+                self._warned_damping = True
+                warnings.warn(
+                    f"RKalman(forgetting=False): damping of layer {layer.name!r} changed from "
+                    f"{prior:g} to {damping:g}, which has no effect: accumulation keeps the "
+                    "prior λ_f I of its first update and never forgets it. Use "
+                    "forgetting=True (its floor follows the damping) or a new optimizer. "
+                    "Warning once.",
+                    RuntimeWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
+            return
+        pi = state["pi"]
+        gamma = torch.as_tensor(damping, dtype=pi.dtype, device=pi.device)
+        state["gradient_floor"], state["activation_floor"] = sqrt_damping_split(gamma, pi)
 
     def _absorb_floor(
         self, state: dict[str, Any], side: str, covariance: Tensor, finite: Tensor
