@@ -6,6 +6,7 @@
 * :class:`RKalman` — inverse Fisher tracked by Kalman recursions, GR as a step length.
 """
 
+from grng.curvature import LayerAdapter, register_layer
 from grng.optim import KFAC, RENG, RING, CurvatureOptimizer, CurvatureOptions, RKalman
 
 __version__ = "0.1.0"
@@ -16,6 +17,8 @@ __all__ = [
     "RING",
     "CurvatureOptimizer",
     "CurvatureOptions",
+    "LayerAdapter",
     "RKalman",
     "__version__",
+    "register_layer",
 ]

@@ -48,6 +48,7 @@ For launchers (``grng bench --distributed``): :func:`init_from_env`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -150,8 +151,10 @@ class Distributor(Protocol):
 
 
 def layer_cost(layer: KroneckerLayer) -> int:
-    """Work of one refresh of ``layer``: two dense ``d³`` factorizations."""
-    return layer.activation_dim**3 + layer.gradient_dim**3
+    """Work of one refresh of ``layer``: a ``d³`` factorization per dense side, ``d`` per
+    diagonal one."""
+    a, g = layer.activation_dim, layer.gradient_dim
+    return (a if layer.activation_diagonal else a**3) + (g if layer.gradient_diagonal else g**3)
 
 
 def assign_by_cost(costs: Sequence[tuple[str, int]], world_size: int) -> dict[str, int]:
@@ -273,10 +276,10 @@ class DataParallel:
             # Per layer and side, every rank's number of kept rows (own slot only).
             row_counts = torch.zeros(len(group_layers), 2, world, dtype=dtype, device=device)
             for i, layer in enumerate(group_layers):
-                d_a, d_g = layer.activation_dim, layer.gradient_dim
+                size = math.prod(layer.activation_shape) + math.prod(layer.gradient_shape)
                 estimate = estimates.get(layer.name)
                 if estimate is None:
-                    pieces += [torch.zeros(d_a * d_a + d_g * d_g, dtype=dtype, device=device)]
+                    pieces += [torch.zeros(size, dtype=dtype, device=device)]
                     weights.append(torch.zeros((), dtype=dtype, device=device))
                     continue
                 m = float(estimate.examples)
@@ -312,11 +315,11 @@ class DataParallel:
             for i, (layer, weight, host) in enumerate(
                 zip(group_layers, totals, host_totals, strict=True)
             ):
-                d_a, d_g = layer.activation_dim, layer.gradient_dim
-                a = buffer[offset : offset + d_a * d_a].view(d_a, d_a)
-                offset += d_a * d_a
-                g = buffer[offset : offset + d_g * d_g].view(d_g, d_g)
-                offset += d_g * d_g
+                a_shape, g_shape = layer.activation_shape, layer.gradient_shape
+                a = buffer[offset : offset + math.prod(a_shape)].view(a_shape)
+                offset += math.prod(a_shape)
+                g = buffer[offset : offset + math.prod(g_shape)].view(g_shape)
+                offset += math.prod(g_shape)
                 # host != 0 keeps NaN totals, so a non-finite statistic on any
                 # rank reaches every rank's finiteness check.
                 if host != 0:

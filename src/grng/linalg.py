@@ -7,7 +7,10 @@ decompositions, Kronecker-factored solves and a first-order shifted inverse.
 Conventions
 -----------
 * A *factor* is a symmetric positive semi-definite (PSD) matrix such as the K-FAC activation
-  covariance ``A = E[a aᵀ]`` or gradient covariance ``G = E[g gᵀ]``.
+  covariance ``A = E[a aᵀ]`` or gradient covariance ``G = E[g gᵀ]``, or a *diagonal factor*
+  given as the 1-D tensor of its diagonal (an embedding's token counts, a side wider than
+  ``max_factor_dim``). Every function below accepts both; a diagonal factor's eigenbasis is the
+  identity (returned as ``None``) and its inverse is elementwise.
 * Functions documented as *no sync* never move data to the host (no ``.item()``, ``float(t)``
   or data-dependent Python control flow), so they can be queued on an accelerator stream and
   used under ``torch.vmap``. The remaining functions take data-dependent decisions (stopping
@@ -53,6 +56,8 @@ def symmetrize(matrix: Tensor) -> Tensor:
     away from exact symmetry; ``eigh`` and Cholesky only read one triangle, so an asymmetric
     input would silently be treated as a different matrix.
     """
+    if matrix.dim() == 1:
+        return matrix  # a diagonal factor
     return 0.5 * (matrix + matrix.mT)
 
 
@@ -128,9 +133,14 @@ def pi_correction(activation_factor: Tensor, gradient_factor: Tensor, eps: float
     Traces are accumulated in at least float32. Returns a 0-d tensor.
     """
     dtype = _accumulation_dtype(activation_factor.dtype, gradient_factor.dtype)
-    mean_a = activation_factor.to(dtype).diagonal(dim1=-2, dim2=-1).mean(-1)
-    mean_g = gradient_factor.to(dtype).diagonal(dim1=-2, dim2=-1).mean(-1)
+    mean_a = _diagonal(activation_factor.to(dtype)).mean(-1)
+    mean_g = _diagonal(gradient_factor.to(dtype)).mean(-1)
     return torch.sqrt(mean_a.clamp_min(eps) / mean_g.clamp_min(eps))
+
+
+def _diagonal(factor: Tensor) -> Tensor:
+    """The diagonal of a dense factor, or a diagonal factor itself."""
+    return factor if factor.dim() == 1 else factor.diagonal(dim1=-2, dim2=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +303,17 @@ def _eigh_inverse64(factor64: Tensor, damping: float) -> Tensor:
     return (eigenvectors * inverse_eigenvalues) @ eigenvectors.mT
 
 
+def _diagonal_inverse(factor: Tensor, damping: float | Tensor) -> InverseResult:
+    """``1 / (max(f, 0) + damping)`` elementwise: the exact damped inverse of a diagonal factor."""
+    if not bool(torch.isfinite(factor).all()):
+        raise ValueError("damped_inverse: `factor` contains non-finite values (NaN or Inf)")
+    value = _damping_value(damping)
+    work = factor.to(_working_dtype(factor.dtype))
+    floor = max(value, 4.0 / torch.finfo(torch.float32).max)
+    inverse = 1.0 / (work.clamp_min(0.0) + value).clamp_min(floor)
+    return InverseResult(inverse, 0.0, "diagonal", 0, True)
+
+
 def damped_inverse(
     factor: Tensor,
     damping: float | Tensor,
@@ -348,6 +369,8 @@ def damped_inverse(
     Cost: host syncs throughout (stopping rules, residual checks). Each residual check is one
     float64 matmul; the float64 rungs are slow on accelerators with weak float64 throughput.
     """
+    if factor.dim() == 1:
+        return _diagonal_inverse(factor, damping)
     _check_square(factor, "factor")
     if not bool(torch.isfinite(factor).all()):
         raise ValueError("damped_inverse: `factor` contains non-finite values (NaN or Inf)")
@@ -431,13 +454,15 @@ def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
     return (eigenvalues, eigenvectors) if bool(finite) else None
 
 
-def eigh_factor(factor: Tensor) -> tuple[Tensor, Tensor]:
+def eigh_factor(factor: Tensor) -> tuple[Tensor, Tensor | None]:
     """Eigendecomposition ``F = Q diag(λ) Qᵀ`` of a symmetric PSD factor, ``λ`` clamped at >= 0.
 
     The input is symmetrised first. If ``torch.linalg.eigh`` fails (``LinAlgError``, which the
     iterative solvers raise on ill-conditioned float32 input, or non-finite output) it is retried
     in float64 and cast back. Negative eigenvalues of a PSD factor are rounding noise, hence the
     clamp. Half-precision inputs are upcast and the outputs are float32.
+
+    A diagonal factor (1-D) is its own spectrum: ``(max(f, 0), None)``, eigenvectors the identity.
 
     Returns:
         ``(eigenvalues, eigenvectors)``, ascending eigenvalues, eigenvectors in the columns.
@@ -447,6 +472,10 @@ def eigh_factor(factor: Tensor) -> tuple[Tensor, Tensor]:
             contains NaN/Inf.
         torch.linalg.LinAlgError: if even the float64 retry fails on a finite input.
     """
+    if factor.dim() == 1:
+        if not bool(torch.isfinite(factor).all()):
+            raise ValueError("eigh_factor: `factor` contains non-finite values (NaN or Inf)")
+        return factor.to(_working_dtype(factor.dtype)).clamp_min(0.0), None
     _check_square(factor, "factor")
     work_dtype = _working_dtype(factor.dtype)
     matrix = symmetrize(factor.to(work_dtype))
@@ -475,10 +504,21 @@ def _check_kronecker_shapes(gradient_matrix: Tensor, dim_g: int, dim_a: int) -> 
         )
 
 
+def _rotate(
+    matrix: Tensor, q_g: Tensor | None, q_a: Tensor | None, *, back: bool = False
+) -> Tensor:
+    """``Q_Gᵀ M Q_A`` (``back``: ``Q_G M Q_Aᵀ``), skipping an identity (None) basis."""
+    if q_g is not None:
+        matrix = (q_g if back else q_g.mT) @ matrix
+    if q_a is not None:
+        matrix = matrix @ (q_a.mT if back else q_a)
+    return matrix
+
+
 def kronecker_solve_eigh(
     gradient_matrix: Tensor,
-    gradient_eig: tuple[Tensor, Tensor],
-    activation_eig: tuple[Tensor, Tensor],
+    gradient_eig: tuple[Tensor, Tensor | None],
+    activation_eig: tuple[Tensor, Tensor | None],
     gradient_damping: Tensor | float,
     activation_damping: Tensor | float,
 ) -> Tensor:
@@ -495,8 +535,9 @@ def kronecker_solve_eigh(
 
     Args:
         gradient_matrix: ``V`` of shape ``(..., dim G, dim A)``.
-        gradient_eig: ``(g, Q_G)`` as returned by :func:`eigh_factor`.
-        activation_eig: ``(a, Q_A)`` as returned by :func:`eigh_factor`.
+        gradient_eig: ``(g, Q_G)`` as returned by :func:`eigh_factor` (``Q_G`` None: identity,
+            a diagonal factor).
+        activation_eig: ``(a, Q_A)`` likewise.
         gradient_damping: ``d_G``, a float or (0-d) tensor; ``g + d_G`` must be > 0.
         activation_damping: ``d_A``, a float or (0-d) tensor; ``a + d_A`` must be > 0.
 
@@ -505,20 +546,21 @@ def kronecker_solve_eigh(
     """
     g, q_g = gradient_eig
     a, q_a = activation_eig
-    _check_kronecker_shapes(gradient_matrix, q_g.shape[-1], q_a.shape[-1])
-    dtype = _accumulation_dtype(gradient_matrix.dtype, q_g.dtype, q_a.dtype)
-    q_g, q_a = q_g.to(dtype), q_a.to(dtype)
-    rotated = q_g.mT @ gradient_matrix.to(dtype) @ q_a
+    _check_kronecker_shapes(gradient_matrix, g.shape[-1], a.shape[-1])
+    dtype = _accumulation_dtype(gradient_matrix.dtype, g.dtype, a.dtype)
+    q_g = None if q_g is None else q_g.to(dtype)
+    q_a = None if q_a is None else q_a.to(dtype)
+    rotated = _rotate(gradient_matrix.to(dtype), q_g, q_a)
     scale = (g.to(dtype) + gradient_damping)[..., :, None] * (a.to(dtype) + activation_damping)[
         ..., None, :
     ]
-    return (q_g @ (rotated / scale) @ q_a.mT).to(gradient_matrix.dtype)
+    return _rotate(rotated / scale, q_g, q_a, back=True).to(gradient_matrix.dtype)
 
 
 def kronecker_tikhonov_solve_eigh(
     gradient_matrix: Tensor,
-    gradient_eig: tuple[Tensor, Tensor],
-    activation_eig: tuple[Tensor, Tensor],
+    gradient_eig: tuple[Tensor, Tensor | None],
+    activation_eig: tuple[Tensor, Tensor | None],
     damping: Tensor | float,
 ) -> Tensor:
     """``(G ⊗ A + γ I)⁻¹ vec(V)`` (row-major ``vec``) through the eigenbases of G and A. No sync.
@@ -534,8 +576,9 @@ def kronecker_tikhonov_solve_eigh(
 
     Args:
         gradient_matrix: ``V`` of shape ``(..., dim G, dim A)``.
-        gradient_eig: ``(g, Q_G)`` as returned by :func:`eigh_factor` (``g >= 0``).
-        activation_eig: ``(a, Q_A)`` as returned by :func:`eigh_factor` (``a >= 0``).
+        gradient_eig: ``(g, Q_G)`` as returned by :func:`eigh_factor` (``g >= 0``; ``Q_G``
+            None: identity, a diagonal factor).
+        activation_eig: ``(a, Q_A)`` likewise.
         damping: ``γ > 0``, a float or 0-d tensor.
 
     Returns:
@@ -543,21 +586,32 @@ def kronecker_tikhonov_solve_eigh(
     """
     g, q_g = gradient_eig
     a, q_a = activation_eig
-    _check_kronecker_shapes(gradient_matrix, q_g.shape[-1], q_a.shape[-1])
-    dtype = _accumulation_dtype(gradient_matrix.dtype, q_g.dtype, q_a.dtype)
-    q_g, q_a = q_g.to(dtype), q_a.to(dtype)
-    rotated = q_g.mT @ gradient_matrix.to(dtype) @ q_a
+    _check_kronecker_shapes(gradient_matrix, g.shape[-1], a.shape[-1])
+    dtype = _accumulation_dtype(gradient_matrix.dtype, g.dtype, a.dtype)
+    q_g = None if q_g is None else q_g.to(dtype)
+    q_a = None if q_a is None else q_a.to(dtype)
+    rotated = _rotate(gradient_matrix.to(dtype), q_g, q_a)
     eigenvalues = g.to(dtype)[..., :, None] * a.to(dtype)[..., None, :] + damping
-    return (q_g @ (rotated / eigenvalues) @ q_a.mT).to(gradient_matrix.dtype)
+    return _rotate(rotated / eigenvalues, q_g, q_a, back=True).to(gradient_matrix.dtype)
+
+
+def _left(inverse: Tensor, matrix: Tensor) -> Tensor:
+    """``X M`` for a dense or diagonal (1-D) ``X``."""
+    return inverse[:, None] * matrix if inverse.dim() == 1 else inverse @ matrix
+
+
+def _right(matrix: Tensor, inverse: Tensor) -> Tensor:
+    """``M X`` for a dense or diagonal (1-D) ``X``."""
+    return matrix * inverse if inverse.dim() == 1 else matrix @ inverse
 
 
 def kronecker_solve_inverse(
     gradient_matrix: Tensor, gradient_inverse: Tensor, activation_inverse: Tensor
 ) -> Tensor:
-    """``G⁻¹ V A⁻¹`` with precomputed (already damped) inverses. No sync.
+    """``G⁻¹ V A⁻¹`` with precomputed (already damped) inverses, dense or diagonal. No sync.
 
     Equivalent to ``(G ⊗ A)⁻¹ vec(V)`` for row-major ``vec`` and symmetric A. ``V`` has shape
-    ``(..., dim G, dim A)``; the result has ``V``'s dtype and is computed in at least float32.
+    ``(dim G, dim A)``; the result has ``V``'s dtype and is computed in at least float32.
     """
     _check_kronecker_shapes(
         gradient_matrix, gradient_inverse.shape[-1], activation_inverse.shape[-1]
@@ -565,7 +619,9 @@ def kronecker_solve_inverse(
     dtype = _accumulation_dtype(
         gradient_matrix.dtype, gradient_inverse.dtype, activation_inverse.dtype
     )
-    out = gradient_inverse.to(dtype) @ gradient_matrix.to(dtype) @ activation_inverse.to(dtype)
+    out = _right(
+        _left(gradient_inverse.to(dtype), gradient_matrix.to(dtype)), activation_inverse.to(dtype)
+    )
     return out.to(gradient_matrix.dtype)
 
 
@@ -595,6 +651,12 @@ def shifted_inverse_first_order(
     commute), with equality for B an eigenvector of X at its largest-magnitude eigenvalue when X
     is symmetric. With ``ε = 0`` the result is exactly ``XB`` (resp. ``BX``).
     """
+    if inverse.dim() == 1:  # a diagonal inverse: the same, elementwise
+        scale = inverse - shift * inverse * inverse
+        if side == "left":
+            return _left(scale, vector_or_matrix)
+        if side == "right":
+            return _right(vector_or_matrix, scale)
     if side == "left":
         xb = inverse @ vector_or_matrix
         return xb - shift * (inverse @ xb)

@@ -127,13 +127,15 @@ def test_conv_rows_reproduce_the_weight_gradient(make_conv):
     upstream = torch.randn_like(out)
     (out * upstream).sum().backward()
     layer = KroneckerLayer("conv", conv, conv.weight, conv.bias)
-    a = layer.activation_rows(x)
-    g, examples = layer.gradient_rows(upstream)
+    adapter = layer.adapter
+    _, _, a = adapter.activation_statistic(layer, conv, x, False, x.dtype)
+    g, examples = adapter.gradient_rows(layer, conv, upstream)
     assert examples == shape[0]
-    weight_grad, bias_grad = layer.split_matrix(g.T @ a)
-    torch.testing.assert_close(weight_grad, conv.weight.grad)
+    directions = {}
+    layer.scatter(g.T @ a, directions)
+    torch.testing.assert_close(directions[conv.weight], conv.weight.grad)
     if conv.bias is not None:
-        torch.testing.assert_close(bias_grad, conv.bias.grad)
+        torch.testing.assert_close(directions[conv.bias], conv.bias.grad)
 
 
 def test_gradient_accumulation_counts_each_example_once():
@@ -235,8 +237,9 @@ def test_mc_mode_takes_gradients_only_inside_the_fisher_pass():
     assert capture.has_statistics
 
 
-def test_frozen_and_grouped_layers_are_not_kronecker_layers():
+def test_frozen_layers_are_skipped_and_grouped_convolutions_get_a_block_per_group():
     model = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(4, 4, 3, groups=2), nn.LayerNorm(3))
     model[0].weight.requires_grad_(False)
     layers = find_kronecker_layers(model, {p for p in model.parameters() if p.requires_grad})
-    assert layers == []
+    assert [layer.name for layer in layers] == ["1.group0", "1.group1"]
+    assert [(layer.activation_dim, layer.gradient_dim) for layer in layers] == [(7, 2), (7, 2)]

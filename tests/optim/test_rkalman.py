@@ -163,7 +163,7 @@ class _Ledger:
             )
             self.data[side] = self.beta * self.data[side] + (1 - self.beta) * factors[side]
         weight, bias = self.layer.weight, self.layer.bias
-        matrix = self.layer.gradient_matrix(weight.grad, bias.grad).clone()
+        matrix = self.layer.gradient_matrix({weight: weight.grad, bias: bias.grad}).clone()
         self.optimizer.step()
         self.t += 1
         return matrix
@@ -193,7 +193,11 @@ def test_effective_damping_is_floor_over_bias_correction(float64, in_features):
     ledger = _Ledger(optimizer, beta, columns)
     g = torch.Generator().manual_seed(4)
     for t in range(1, 6):
-        before = ledger.layer.gradient_matrix(model.weight, model.bias).detach().clone()
+        before = (
+            ledger.layer.gradient_matrix({model.weight: model.weight, model.bias: model.bias})
+            .detach()
+            .clone()
+        )
         matrix = ledger.step(_linear_batch(model, g))
         if t not in (1, 2, 5):
             continue
@@ -223,7 +227,9 @@ def test_effective_damping_is_floor_over_bias_correction(float64, in_features):
             torch.testing.assert_close(c_t * covariance, expected, rtol=1e-8, atol=1e-10)
             effective[side] = ledger.floor[side] / c_t
         # the parameters moved by lr · (G-side)⁻¹ V (A-side)⁻¹ with those dampings
-        after = ledger.layer.gradient_matrix(model.weight, model.bias).detach()
+        after = ledger.layer.gradient_matrix(
+            {model.weight: model.weight, model.bias: model.bias}
+        ).detach()
         g_side = torch.linalg.inv(ledger.data["gradient"] + torch.diag(ledger.floor["gradient"]))
         a_side = torch.linalg.inv(
             ledger.data["activation"] + torch.diag(ledger.floor["activation"])

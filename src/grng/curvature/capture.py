@@ -149,9 +149,14 @@ class CurvatureCapture:
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        # Each module reports the blocks it computes: its own, and a tied twin's.
+        computed_by: dict[nn.Module, list[KroneckerLayer]] = {}
         for layer in self.layers:
             for module in modules_using(self.model, layer):
-                self._handles.append(module.register_forward_hook(self._forward_hook(layer)))
+                computed_by.setdefault(module, []).append(layer)
+        for module, layers in computed_by.items():
+            assert layers[0].adapter is not None
+            self._handles += layers[0].adapter.attach(module, layers, self)
         self._handles.append(self.model.register_forward_pre_hook(self._count_forward))
 
     def remove(self) -> None:
@@ -160,11 +165,12 @@ class CurvatureCapture:
             handle.remove()
         self._handles.clear()
 
-    def _recording(self) -> bool:
+    def recording(self) -> bool:
+        """Whether statistics are captured now: armed, not paused, autograd recording."""
         return self.armed and self._paused == 0 and torch.is_grad_enabled()
 
     def _count_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not self._recording():
+        if not self.recording():
             return
         first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
         if first is not None and first.shape[0] == 0:
@@ -176,43 +182,49 @@ class CurvatureCapture:
         if first is not None:
             self._leading_examples += first.shape[0]
 
-    def _forward_hook(self, layer: KroneckerLayer) -> Any:
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if not self._recording() or not output.requires_grad:
-                return
-            activation = inputs[0].detach()
+    def record(
+        self,
+        layer: KroneckerLayer,
+        module: nn.Module,
+        inputs: Tensor,
+        output: Tensor,
+        columns: slice | None,
+    ) -> None:
+        """Pair one call's input with its output gradient (adapters call this)."""
+        if not self.recording() or not output.requires_grad:
+            return
+        activation = inputs.detach()
 
-            def on_gradient(grad_output: Tensor) -> None:
-                wanted = self._in_fisher_pass if self.fisher == "mc" else True
-                if wanted and self._paused == 0:
-                    self._accumulate(layer, module, activation, grad_output.detach())
+        def on_gradient(grad_output: Tensor) -> None:
+            wanted = self._in_fisher_pass if self.fisher == "mc" else True
+            if wanted and self._paused == 0:
+                if columns is not None:
+                    grad_output = grad_output[..., columns]
+                self._accumulate(layer, module, activation, grad_output.detach())
 
-            output.register_hook(on_gradient)
-
-        return hook
+        output.register_hook(on_gradient)
 
     def _accumulate(
         self, layer: KroneckerLayer, module: nn.Module, activation: Tensor, grad_output: Tensor
     ) -> None:
         dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        # The module that ran may be a tied twin of layer.module; its own geometry counts.
-        view = (
-            layer
-            if module is layer.module
-            else KroneckerLayer(layer.name, module, layer.weight, layer.bias)
-        )
         if activation.numel() == 0:
             return  # an empty batch carries no statistics (and would make A = 0/0)
-        a_rows = view.activation_rows(activation.to(dtype))
-        g_rows, examples = view.gradient_rows(grad_output.to(dtype))
+        adapter = layer.adapter
+        assert adapter is not None
+        # ``module`` may be a tied twin of layer.module; its own geometry counts.
+        a_sum, a_count, a_rows = adapter.activation_statistic(
+            layer, module, activation, layer.activation_diagonal, dtype
+        )
+        g_rows, examples = adapter.gradient_rows(layer, module, grad_output.to(dtype))
+        terms = self._fisher_terms if self._in_fisher_pass else None
         sums = self._sums.get(layer.name)
         if sums is None:
             sums = _LayerSums(
-                activation=a_rows.new_zeros(a_rows.shape[1], a_rows.shape[1]),
-                gradient=g_rows.new_zeros(g_rows.shape[1], g_rows.shape[1]),
+                activation=torch.zeros_like(a_sum),
+                gradient=g_rows.new_zeros(layer.gradient_shape),
             )
             self._sums[layer.name] = sums
-        terms = self._fisher_terms if self._in_fisher_pass else None
         if terms is not None:
             # A Monte-Carlo pass is the mean of its own M_p terms: M_p ĝ = g, the
             # per-term gradients; M_p counts once per pass, however often the layer ran.
@@ -220,13 +232,18 @@ class CurvatureCapture:
             if sums.last_pass != self._fisher_passes:
                 sums.terms += terms
                 sums.last_pass = self._fisher_passes
-        sums.activation.addmm_(a_rows.T, a_rows)
-        sums.gradient.addmm_(g_rows.T, g_rows)
+        sums.activation.add_(a_sum)
+        if layer.gradient_diagonal:
+            sums.gradient.add_(g_rows.pow(2).sum(0))
+        else:
+            sums.gradient.addmm_(g_rows.T, g_rows)
         if self.keep_rows is not None:
             salt = zlib.crc32(layer.name.encode()) + 1_000_003 * sums.calls
-            sums.activation_kept.append(self._keep(a_rows, 2 * salt))
-            sums.gradient_kept.append(self._keep(g_rows, 2 * salt + 1))
-        sums.activation_rows += a_rows.shape[0]
+            if a_rows is not None and not layer.activation_diagonal:
+                sums.activation_kept.append(self._keep(a_rows, 2 * salt))
+            if not layer.gradient_diagonal:
+                sums.gradient_kept.append(self._keep(g_rows, 2 * salt + 1))
+        sums.activation_rows += a_count
         sums.examples += examples
         sums.calls += 1
 
@@ -306,11 +323,14 @@ class CurvatureCapture:
             scale = self._gradient_scale(s, examples)
             a_rows = g_rows = None
             if self.keep_rows is not None:
+                # Diagonal sides keep no rows: their factor is the estimate itself.
                 salt = zlib.crc32(name.encode())
-                a_rows = self._keep(torch.cat(s.activation_kept), 2 * salt)
-                g_rows = self._keep(torch.cat(s.gradient_kept), 2 * salt + 1)
-                a_rows = a_rows / s.activation_rows**0.5
-                g_rows = g_rows * scale**0.5
+                if s.activation_kept:
+                    a_rows = self._keep(torch.cat(s.activation_kept), 2 * salt)
+                    a_rows = a_rows / s.activation_rows**0.5
+                if s.gradient_kept:
+                    g_rows = self._keep(torch.cat(s.gradient_kept), 2 * salt + 1)
+                    g_rows = g_rows * scale**0.5
             out[name] = FactorEstimate(
                 activation_factor=s.activation / s.activation_rows,
                 gradient_factor=s.gradient * scale,

@@ -1,163 +1,374 @@
-"""Kronecker-factored views of the layers that K-FAC understands.
+"""Kronecker blocks, the adapters that define them, and the table of adapters.
 
-A :class:`KroneckerLayer` knows how to turn one call of its module into the two
-kinds of rows that Kronecker factors are built from, and how to move between
-the module's parameters and the gradient *matrix* ``V`` of shape
-``(d_out, d_in [+1])`` that the factored preconditioner acts on:
+A :class:`KroneckerLayer` is one block of parameters with a Kronecker-factored
+preconditioner: rows ``weight_rows`` of a weight (all of it by default), and the
+matching rows of a bias, read as the gradient *matrix* ``V`` of shape
+``(d_G, d_A)`` (``d_A`` includes a bias column when the block has a bias). Its
+two factors are built from two kinds of rows:
 
-* activation rows ``a`` (the layer's input, with a trailing bias column when
-  the layer has a bias, so the bias is folded in as an extra input column: 1
-  for a call of a module whose bias *is* the layer's, 0 for a weight-tied twin
-  without it), giving ``A = E[a aᵀ]``;
-* output-gradient rows ``g`` (the gradient of the loss w.r.t. the layer's
+* activation rows ``a`` (what the block multiplies, with a trailing bias column:
+  1 for a call that adds the block's bias, 0 for a weight-tied twin without it),
+  giving ``A = E[a aᵀ]``;
+* output-gradient rows ``g`` (the gradient of the loss w.r.t. the block's
   output), giving ``G = E[g gᵀ]``.
 
-Linear layers treat every leading index as a separate example (K-FAC
-"expand", Eschenhagen et al. 2023): a ``(B, T, d)`` input gives ``B·T`` rows of
-both kinds. Convolutions follow KFC (Grosse & Martens 2016): the activation
-rows are the unfolded input patches at every output position, and the output
-gradients of the positions of one example are summed in ``G`` (so the number of
-examples for ``G`` is the batch size, not batch × positions).
+A side may be *diagonal*: the factor is kept as the vector ``E[a²]`` (or
+``E[g²]``). That is exact for a side whose rows are one-hot (an embedding's
+tokens), and the size cap ``max_factor_dim`` uses it for sides too wide to
+factorise.
+
+A :class:`LayerAdapter` says, for one module type, which blocks its parameters
+form, how to read their rows from a call of the module, and how ``V`` is laid
+out in the parameters. The adapters are registered in one table
+(:func:`register_layer`, :func:`adapter_for`); :mod:`grng.curvature.adapters`
+holds the built-in ones (Linear, convolutions, attention, embeddings, the
+``Conv1D`` of transformers). Adding a layer type is one adapter and one call of
+:func:`register_layer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+class Recorder(Protocol):
+    """What an adapter's hooks report to (the capture engine)."""
+
+    def recording(self) -> bool:
+        """Whether statistics are being captured now (hooks may skip work otherwise)."""
+        ...
+
+    def record(
+        self,
+        layer: KroneckerLayer,
+        module: nn.Module,
+        inputs: Tensor,
+        output: Tensor,
+        columns: slice | None,
+    ) -> None:
+        """One call of ``layer``'s computation by ``module``: its input, its output (whose
+        gradient gives the gradient rows), and the output's columns that are the block's
+        (None: all)."""
+        ...
 
 
 @dataclass(eq=False)
 class KroneckerLayer:
-    """One module whose weight gets a Kronecker-factored preconditioner."""
+    """One Kronecker block: rows ``weight_rows`` of ``weight`` and ``bias_rows`` of ``bias``.
+
+    Attributes:
+        name: the block's name in the state (``state["layer:<name>"]``): the module's
+            name, with a suffix for modules of several blocks (``.in_proj.q``, ``.group1``).
+        module: the module that owns the parameters.
+        weight, bias: the parameters (``bias`` is None when the block has none).
+        adapter: the :class:`LayerAdapter` of ``module``'s type.
+        weight_rows, bias_rows: the block's rows of ``weight`` / ``bias`` (None: all).
+        part: the adapter's tag for the block (e.g. ``"q"`` or a group index).
+        activation_diagonal, gradient_diagonal: whether a side is kept diagonal.
+    """
 
     name: str
     module: nn.Module
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: Tensor
+    bias: Tensor | None
+    adapter: LayerAdapter | None = None
+    weight_rows: slice | None = None
+    bias_rows: slice | None = None
+    part: Any = None
+    activation_diagonal: bool = False
+    gradient_diagonal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            adapter = adapter_for(self.module)
+            if adapter is None:
+                raise TypeError(f"no layer adapter is registered for {type(self.module).__name__}")
+            self.adapter = adapter
+
+    @property
+    def _adapter(self) -> LayerAdapter:
+        assert self.adapter is not None
+        return self.adapter
+
+    @property
+    def activation_dim(self) -> int:
+        return self._adapter.input_dim(self) + (1 if self.bias is not None else 0)
+
+    @property
+    def gradient_dim(self) -> int:
+        return self._adapter.output_dim(self)
+
+    @property
+    def activation_shape(self) -> tuple[int, ...]:
+        d = self.activation_dim
+        return (d,) if self.activation_diagonal else (d, d)
+
+    @property
+    def gradient_shape(self) -> tuple[int, ...]:
+        d = self.gradient_dim
+        return (d,) if self.gradient_diagonal else (d, d)
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     @property
     def is_conv(self) -> bool:
         return isinstance(self.module, (nn.Conv1d, nn.Conv2d))
 
-    @property
-    def activation_dim(self) -> int:
-        return self.weight[0].numel() + (1 if self.bias is not None else 0)
+    def gradient_matrix(self, grads: Mapping[Tensor, Tensor]) -> Tensor:
+        """The block's part of ``grads`` (a gradient per parameter) as ``V``, ``(d_G, d_A)``."""
+        return self._adapter.gradient_matrix(self, grads)
 
-    @property
-    def gradient_dim(self) -> int:
-        return self.weight.shape[0]
+    def scatter(self, update: Tensor, directions: dict[Tensor, Tensor]) -> None:
+        """Write ``update`` (``V``-shaped) into ``directions``' tensors for the block's rows."""
+        self._adapter.scatter(self, update, directions)
 
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    def activation_rows(self, inputs: Tensor) -> Tensor:
-        """Rows ``a`` of the activation factor, shape ``(rows, activation_dim)``."""
-        if self.is_conv:
-            rows = _conv_patches(self.module, inputs)
-        else:
-            rows = inputs.reshape(-1, inputs.shape[-1])
-        if self.bias is not None:
-            # The bias column is 1 where this call adds the layer's bias. A tied twin
-            # without it (no bias, or its own) shares only the weight: its rows get 0,
-            # so that Σ g aᵀ still reproduces the owner's bias gradient.
-            acts = getattr(self.module, "bias", None) is self.bias
-            column = rows.new_full((rows.shape[0], 1), 1.0 if acts else 0.0)
-            rows = torch.cat([rows, column], dim=1)
-        return rows
+class LayerAdapter:
+    """How the parameters of one module type form Kronecker blocks.
 
-    def gradient_rows(self, grad_output: Tensor) -> tuple[Tensor, int]:
-        """Rows ``g`` of the gradient factor and the number of examples they come from."""
-        if self.is_conv:
-            # (N, C_out, *spatial) -> (N * positions, C_out); positions of one example
-            # are summed in G, so the example count is N.
-            rows = grad_output.flatten(2).transpose(1, 2).reshape(-1, grad_output.shape[1])
-            return rows, grad_output.shape[0]
+    The defaults serve a module computing ``y = x Wᵀ + b`` over the last dimension
+    with ``W`` stored ``(out, in...)`` (``weight_layout = "out_in"``, like
+    ``nn.Linear``) or ``(in, out)`` (``"in_out"``, like transformers' ``Conv1D``),
+    captured by a forward hook on the module. Override what differs:
+
+    * :meth:`blocks`: the blocks the module's own parameters form;
+    * :meth:`input_dim`, :meth:`output_dim`: ``d_A`` without the bias column, ``d_G``;
+    * :meth:`activation_rows`, :meth:`gradient_rows`: rows from one call;
+    * :meth:`activation_statistic`: when rows would be wasteful (one-hot tokens);
+    * :meth:`attach`: when the block's input and output are not the module's own
+      (attention's projections run inside one functional call);
+    * :meth:`uses_bias`: whether a call of ``module`` adds the block's bias.
+    """
+
+    weight_layout: str = "out_in"
+
+    # ------------------------------------------------------------- structure
+    def blocks(self, name: str, module: nn.Module) -> list[KroneckerLayer]:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            return []
+        bias = getattr(module, "bias", None)
+        bias = bias if isinstance(bias, nn.Parameter) else None
+        return [KroneckerLayer(name, module, weight, bias, self)]
+
+    def input_dim(self, layer: KroneckerLayer) -> int:
+        w = layer.weight
+        return int(w.shape[0]) if self.weight_layout == "in_out" else int(w[0].numel())
+
+    def output_dim(self, layer: KroneckerLayer) -> int:
+        w = layer.weight
+        size = int(w.shape[1] if self.weight_layout == "in_out" else w.shape[0])
+        return size if layer.weight_rows is None else len(range(size)[layer.weight_rows])
+
+    # ------------------------------------------------------------- capture
+    def attach(
+        self, module: nn.Module, layers: list[KroneckerLayer], recorder: Recorder
+    ) -> list[RemovableHandle]:
+        """Hooks that report every call of ``module`` to ``recorder`` (default: a forward hook)."""
+
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if not inputs or not isinstance(output, Tensor) or not recorder.recording():
+                return
+            for layer in layers:
+                recorder.record(layer, mod, inputs[0], output, None)
+
+        return [module.register_forward_hook(hook)]
+
+    def uses_bias(self, layer: KroneckerLayer, module: nn.Module) -> bool:
+        """Whether a call of ``module`` adds ``layer``'s bias (False for a bias-free tied twin)."""
+        return getattr(module, "bias", None) is layer.bias
+
+    def activation_rows(self, layer: KroneckerLayer, module: nn.Module, inputs: Tensor) -> Tensor:
+        """Rows ``a`` of one call, ``(rows, input_dim)``, without the bias column."""
+        return inputs.reshape(-1, inputs.shape[-1])
+
+    def gradient_rows(
+        self, layer: KroneckerLayer, module: nn.Module, grad_output: Tensor
+    ) -> tuple[Tensor, int]:
+        """Rows ``g`` of one call and the number of examples they come from."""
         rows = grad_output.reshape(-1, grad_output.shape[-1])
         return rows, rows.shape[0]
 
-    def gradient_matrix(self, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
-        """The layer's gradient as the matrix ``V`` of shape ``(d_out, activation_dim)``."""
-        matrix = weight_grad.reshape(weight_grad.shape[0], -1)
-        if self.bias is not None:
+    def activation_statistic(
+        self,
+        layer: KroneckerLayer,
+        module: nn.Module,
+        inputs: Tensor,
+        diagonal: bool,
+        dtype: torch.dtype,
+    ) -> tuple[Tensor, int, Tensor | None]:
+        """``(Σ a aᵀ, or Σ a² when diagonal; number of rows; the rows, or None)`` in ``dtype``.
+
+        The rows include the bias column; they are returned for the optional row
+        store (R-Kalman) and may be None when an adapter sums without them.
+        """
+        rows = self.activation_rows(layer, module, inputs.to(dtype))
+        if layer.bias is not None:
+            value = 1.0 if self.uses_bias(layer, module) else 0.0
+            rows = torch.cat([rows, rows.new_full((rows.shape[0], 1), value)], dim=1)
+        total = rows.pow(2).sum(0) if diagonal else rows.T @ rows
+        return total, rows.shape[0], rows
+
+    # ------------------------------------------------------------- gradient matrix
+    def gradient_matrix(self, layer: KroneckerLayer, grads: Mapping[Tensor, Tensor]) -> Tensor:
+        weight_grad = grads.get(layer.weight)
+        if weight_grad is None:
+            weight_grad = torch.zeros_like(layer.weight)
+        if self.weight_layout == "in_out":
+            matrix = weight_grad.reshape(weight_grad.shape[0], -1).T
+        else:
+            matrix = weight_grad.reshape(weight_grad.shape[0], -1)
+        if layer.weight_rows is not None:
+            matrix = matrix[layer.weight_rows]
+        if layer.bias is not None:
+            bias_grad = grads.get(layer.bias)
             if bias_grad is None:
-                bias_grad = torch.zeros_like(self.bias)
-            matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
+                bias_grad = torch.zeros_like(layer.bias)
+            bias_grad = bias_grad.reshape(-1)
+            if layer.bias_rows is not None:
+                bias_grad = bias_grad[layer.bias_rows]
+            matrix = torch.cat([matrix, bias_grad[:, None].to(matrix.dtype)], dim=1)
         return matrix
 
-    def split_matrix(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Inverse of :meth:`gradient_matrix`: ``V`` back to (weight-shaped, bias-shaped)."""
-        if self.bias is None:
-            return matrix.reshape(self.weight.shape), None
-        return matrix[:, :-1].reshape(self.weight.shape), matrix[:, -1].reshape(self.bias.shape)
+    def scatter(
+        self, layer: KroneckerLayer, update: Tensor, directions: dict[Tensor, Tensor]
+    ) -> None:
+        weight_update = update[:, :-1] if layer.bias is not None else update
+        target = _direction(directions, layer.weight, update.dtype)
+        view = target.reshape(target.shape[0], -1)
+        if self.weight_layout == "in_out":
+            view = view.T
+        if layer.weight_rows is not None:
+            view = view[layer.weight_rows]
+        view.copy_(weight_update)
+        if layer.bias is not None:
+            bias = _direction(directions, layer.bias, update.dtype).reshape(-1)
+            if layer.bias_rows is not None:
+                bias = bias[layer.bias_rows]
+            bias.copy_(update[:, -1])
 
 
-def _conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
-    """Unfolded input patches of a Conv1d/Conv2d call, shape ``(N * positions, C_in·k)``.
+def _direction(directions: dict[Tensor, Tensor], param: Tensor, dtype: torch.dtype) -> Tensor:
+    """The direction tensor of ``param`` (zeros in ``dtype`` until a block writes its rows)."""
+    out = directions.get(param)
+    if out is None:
+        out = torch.zeros(param.shape, dtype=dtype, device=param.device)
+        directions[param] = out
+    return out
 
-    Padding is applied explicitly with the module's own mode (and ``padding="same"``
-    resolved by the module itself), so reflect/circular padding is honoured.
+
+# ------------------------------------------------------------------ the table
+#: Adapters by module type (looked up along the type's MRO), most recent first.
+_BY_TYPE: dict[type[nn.Module], LayerAdapter] = {}
+#: Adapters by structure, for module types this library cannot import (transformers).
+_BY_STRUCTURE: list[tuple[Callable[[nn.Module], bool], LayerAdapter]] = []
+
+
+def register_layer(
+    module_type: type[nn.Module] | Callable[[nn.Module], bool], adapter: LayerAdapter
+) -> None:
+    """Give ``module_type`` (or every module a predicate accepts) Kronecker curvature.
+
+    ``adapter`` is a :class:`LayerAdapter` describing the blocks, rows and layout
+    (see its docstring). A later registration of the same type replaces the
+    earlier one, and a type's own registration wins over a base class's::
+
+        class Scale(nn.Module):                  # y = x Wᵀ, W of shape (out, in)
+            def __init__(self, d_in, d_out):
+                super().__init__()
+                self.weight = nn.Parameter(torch.randn(d_out, d_in))
+            def forward(self, x):
+                return x @ self.weight.T
+
+        grng.register_layer(Scale, grng.LayerAdapter())
     """
-    assert isinstance(module, (nn.Conv1d, nn.Conv2d))
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    padded = F.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
-    if isinstance(module, nn.Conv1d):
-        # A 1-d convolution is a 2-d one of height 1.
-        padded = padded.unsqueeze(2)
-        kernel, dilation, stride = (
-            (1, *module.kernel_size),
-            (1, *module.dilation),
-            (1, *module.stride),
-        )
+    if not isinstance(adapter, LayerAdapter):
+        raise TypeError(f"adapter must be a grng.LayerAdapter, got {type(adapter).__name__}")
+    if isinstance(module_type, type):
+        if not issubclass(module_type, nn.Module):
+            raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+        _BY_TYPE[module_type] = adapter
+    elif callable(module_type):
+        _BY_STRUCTURE.insert(0, (module_type, adapter))
     else:
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    patches = F.unfold(padded, kernel_size=kernel, dilation=dilation, stride=stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        raise TypeError(f"module_type must be a type or a predicate, got {module_type!r}")
 
 
-def _supported(module: nn.Module) -> bool:
-    if not isinstance(module, SUPPORTED_MODULES):
-        return False
-    # Grouped convolutions have a block-diagonal weight that one Kronecker
-    # product over all channels does not describe; they use the diagonal fallback.
-    return not (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1)
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The registered adapter of ``module``'s type (nearest in its MRO), or None."""
+    for klass in type(module).__mro__:
+        adapter = _BY_TYPE.get(klass)
+        if adapter is not None:
+            return adapter
+    for accepts, adapter in _BY_STRUCTURE:
+        if accepts(module):
+            return adapter
+    return None
 
 
-def find_kronecker_layers(model: nn.Module, trainable: set[nn.Parameter]) -> list[KroneckerLayer]:
-    """The supported layers of ``model`` whose weight is trainable, each weight once.
+def find_kronecker_layers(
+    model: nn.Module,
+    trainable: set[Tensor],
+    *,
+    excluded: Callable[[str, nn.Module], bool] | None = None,
+    max_factor_dim: int | None = None,
+) -> list[KroneckerLayer]:
+    """The Kronecker blocks of ``model`` whose parameters are trainable, each parameter once.
 
-    A weight shared by two modules (tying) is claimed by the first module that
-    owns it; the other module's calls still contribute statistics, because
-    hooks are attached to every module that uses the weight (see
-    :func:`modules_using`). A bias that is frozen while its weight trains is left
-    out of the factor, and a trainable bias whose weight is frozen falls back to
-    the diagonal preconditioner.
+    Modules are visited in ``named_modules`` order (parents before children, so an
+    attention module claims its ``out_proj``). A weight shared by two modules
+    (tying) is claimed by the first; the other's calls still contribute
+    statistics (:func:`modules_using`). A bias that is frozen or already claimed
+    is left out of the block (its weight's block has no bias column); a trainable
+    bias whose weight is frozen falls back to the diagonal preconditioner. A
+    module for which ``excluded(name, module)`` holds is skipped (its parameters
+    fall back to the diagonal). A side wider than ``max_factor_dim`` is kept
+    diagonal.
     """
     layers: list[KroneckerLayer] = []
-    claimed: set[nn.Parameter] = set()
+    claimed: set[Tensor] = set()
     for name, module in model.named_modules():
-        if not _supported(module):
+        adapter = adapter_for(module)
+        if adapter is None or (excluded is not None and excluded(name, module)):
             continue
-        weight = module.weight
-        if weight not in trainable or weight in claimed:
-            continue
-        bias = getattr(module, "bias", None)
-        if bias is not None and (bias not in trainable or bias in claimed):
-            bias = None
-        layer = KroneckerLayer(name or type(module).__name__, module, weight, bias)
-        claimed.update(layer.params)
-        layers.append(layer)
+        own: list[KroneckerLayer] = []
+        for block in adapter.blocks(name or type(module).__name__, module):
+            if block.weight not in trainable or block.weight in claimed:
+                continue
+            if block.bias is not None and (block.bias not in trainable or block.bias in claimed):
+                block.bias, block.bias_rows = None, None
+            if max_factor_dim is not None:
+                block.activation_diagonal |= block.activation_dim > max_factor_dim
+                block.gradient_diagonal |= block.gradient_dim > max_factor_dim
+            own.append(block)
+        # Claimed after the module's own blocks: attention's q, k and v share a weight.
+        for block in own:
+            claimed.update(block.params)
+        layers += own
     return layers
 
 
 def modules_using(model: nn.Module, layer: KroneckerLayer) -> Iterator[nn.Module]:
-    """Every supported module that computes with ``layer``'s parameters (weight tying)."""
+    """Every module of ``layer``'s adapter that computes with ``layer``'s weight (tying)."""
     for module in model.modules():
-        if _supported(module) and module.weight is layer.weight:
+        if module is layer.module or (
+            adapter_for(module) is layer.adapter and getattr(module, "weight", None) is layer.weight
+        ):
             yield module
+
+
+def parameters_of(layers: Iterable[KroneckerLayer]) -> dict[Tensor, list[KroneckerLayer]]:
+    """Every parameter a block reads, with the blocks that read it."""
+    out: dict[Tensor, list[KroneckerLayer]] = {}
+    for layer in layers:
+        for p in layer.params:
+            out.setdefault(p, []).append(layer)
+    return out

@@ -50,6 +50,7 @@ from torch.optim import Optimizer
 
 from grng.curvature import CurvatureCapture, FactorEstimate, KroneckerLayer, find_kronecker_layers
 from grng.curvature.fisher import Likelihood, sampled_nll
+from grng.curvature.layers import parameters_of
 from grng.distributed import CurvatureShard, Distributor, make_distributor, strip_wrapper_prefix
 from grng.optim.options import CurvatureOptions, check_group_hyperparameters
 
@@ -105,9 +106,8 @@ class CurvatureOptimizer(Optimizer):
         self.layers: list[KroneckerLayer] = find_kronecker_layers(model, set(params))
         for layer in self.layers:
             layer.name = strip_wrapper_prefix(layer.name, model)
-        self._layer_of: dict[nn.Parameter, KroneckerLayer] = {
-            p: layer for layer in self.layers for p in layer.params
-        }
+        #: Every parameter a Kronecker block reads (the others get the diagonal fallback).
+        self._blocks_of: dict[Tensor, list[KroneckerLayer]] = parameters_of(self.layers)
         self._param_names = {p: strip_wrapper_prefix(n, model) for n, p in model.named_parameters()}
         self.capture = CurvatureCapture(
             model, self.layers, options.fisher, loss_reduction=options.loss_reduction
@@ -223,7 +223,7 @@ class CurvatureOptimizer(Optimizer):
         terms = loss_terms(outputs, likelihood)
         with torch.enable_grad(), self.capture.fisher_pass(terms):
             loss = sampled_nll(outputs, likelihood, self._fisher_generator)
-            weights = [layer.weight for layer in self.layers]
+            weights = list(dict.fromkeys(layer.weight for layer in self.layers))
             torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
 
     def _new_fisher_generator(self, device: torch.device) -> torch.Generator:
@@ -308,7 +308,7 @@ class CurvatureOptimizer(Optimizer):
         if self._refresh_due(step):
             self._refresh_curvature(grad_sq, total_grad_sq, finite)
 
-        directions = self._precondition(search, grad_sq, total_grad_sq)
+        directions = self._precondition(search, grad_sq, total_grad_sq, grads)
         scale = self._kl_clip_scale(directions, search)
         self._apply(directions, scale, finite)
 
@@ -427,7 +427,7 @@ class CurvatureOptimizer(Optimizer):
                 if d is not p.grad
             ]
         for e in estimates.values():
-            checks += [e.activation_factor.diagonal().sum(), e.gradient_factor.diagonal().sum()]
+            checks += [_trace(e.activation_factor), _trace(e.gradient_factor)]
         return torch.isfinite(torch.stack(checks).sum())
 
     def _warn_if_skipped(self, finite: Tensor) -> None:
@@ -498,13 +498,20 @@ class CurvatureOptimizer(Optimizer):
         return self.named_state(f"diagonal:{self._name(p)}")
 
     def _layer_damping(
-        self, layer: KroneckerLayer, grad_sq: dict[Tensor, Tensor], total_grad_sq: Tensor
+        self,
+        layer: KroneckerLayer,
+        grad_sq: dict[Tensor, Tensor],
+        total_grad_sq: Tensor,
+        block_sq: Tensor | None = None,
     ) -> Tensor:
-        block_sq = torch.stack([grad_sq[p] for p in layer.params if p in grad_sq]).sum()
+        """The block's damping; ``block_sq`` is its squared gradient norm when the block
+        holds only some rows of its parameters (attention's q, k, v; conv groups)."""
+        if block_sq is None:
+            block_sq = torch.stack([grad_sq[p] for p in layer.params if p in grad_sq]).sum()
         return self.damping(self._group_of(layer.weight), block_sq, total_grad_sq)
 
     def _fallback_params(self, grads: Iterable[Tensor]) -> list[Tensor]:
-        return [p for p in grads if p not in self._layer_of]
+        return [p for p in grads if p not in self._blocks_of]
 
     def _update_diagonal(self, grads: dict[Tensor, Tensor], examples: int, finite: Tensor) -> None:
         """Diagonal Fisher of fallback parameters: ``v ← β v + (1 − β) n ḡ²``.
@@ -527,23 +534,27 @@ class CurvatureOptimizer(Optimizer):
         search: dict[Tensor, Tensor],
         grad_sq: dict[Tensor, Tensor],
         total_grad_sq: Tensor,
+        grads: dict[Tensor, Tensor] | None = None,
     ) -> dict[Tensor, Tensor]:
         directions: dict[Tensor, Tensor] = {}
         for layer in self.layers:
             if not any(p in search for p in layer.params):
                 continue
-            gamma = self._layer_damping(layer, grad_sq, total_grad_sq)
-            weight_grad = search.get(layer.weight, torch.zeros_like(layer.weight))
-            bias_grad = search.get(layer.bias) if layer.bias is not None else None
             dtype = statistics_dtype(layer.weight)
+            block_sq = None
+            if grads is not None and (layer.weight_rows is not None or layer.bias_rows is not None):
+                rows = layer.gradient_matrix(
+                    {p: grads[p].to(dtype) for p in layer.params if p in grads}
+                )
+                zero = torch.zeros((), dtype=dtype, device=rows.device)
+                block_sq = torch.where(self._step_finite, rows.pow(2).sum(), zero)
+            gamma = self._layer_damping(layer, grad_sq, total_grad_sq, block_sq)
             matrix = layer.gradient_matrix(
-                weight_grad.to(dtype), None if bias_grad is None else bias_grad.to(dtype)
+                {p: search[p].to(dtype) for p in layer.params if p in search}
             )
-            update = self._precondition_layer(layer, matrix, gamma.to(dtype))
-            weight_update, bias_update = layer.split_matrix(update)
-            directions[layer.weight] = weight_update.to(layer.weight.dtype)
-            if layer.bias is not None and bias_update is not None and layer.bias in search:
-                directions[layer.bias] = bias_update.to(layer.bias.dtype)
+            layer.scatter(self._precondition_layer(layer, matrix, gamma.to(dtype)), directions)
+        # Only parameters with a (search) gradient move, in their own dtype.
+        directions = {p: d.to(p.dtype) for p, d in directions.items() if p in search}
         for p in self._fallback_params(search):
             group = self._group_of(p)
             gamma = self.damping(group, grad_sq[p], total_grad_sq)
@@ -671,6 +682,11 @@ class CurvatureOptimizer(Optimizer):
                         f"state_dict does not fit layer {layer.name!r}: {name} has shape "
                         f"{tuple(value.shape)}, expected size {expected[side]}"
                     )
+
+
+def _trace(factor: Tensor) -> Tensor:
+    """Trace of a dense factor, or the sum of a diagonal (1-D) one."""
+    return factor.sum() if factor.dim() == 1 else factor.diagonal().sum()
 
 
 def _unscale(estimates: dict[str, FactorEstimate], scaler: Any) -> dict[str, FactorEstimate]:

@@ -169,41 +169,32 @@ class KFAC(CurvatureOptimizer):
             state = self._layer_state(layer)
             if "activation_factor" not in state or not bool(state["activation_factor_updates"] > 0):
                 continue
-            activation_factor, gradient_factor = (
-                state["activation_factor"],
-                state["gradient_factor"],
-            )
             # π is cheap and identical everywhere (global factors): every rank computes it.
-            state["pi"] = pi_correction(activation_factor, gradient_factor)
-            d_a, d_g = layer.activation_dim, layer.gradient_dim
+            state["pi"] = pi_correction(state["activation_factor"], state["gradient_factor"])
+            sides = (("activation", layer.activation_shape), ("gradient", layer.gradient_shape))
             if self.options.inverse == "eigh":
-                refreshed.append(
-                    (
-                        layer,
-                        {
-                            "activation_eigenvalues": (d_a,),
-                            "activation_eigenvectors": (d_a, d_a),
-                            "gradient_eigenvalues": (d_g,),
-                            "gradient_eigenvectors": (d_g, d_g),
-                        },
-                    )
-                )
+                # A diagonal side is its own spectrum: eigenvalues only, identity basis.
+                shapes: dict[str, tuple[int, ...]] = {}
+                for side, shape in sides:
+                    shapes[f"{side}_eigenvalues"] = shape[:1]
+                    if len(shape) == 2:
+                        shapes[f"{side}_eigenvectors"] = shape
+                refreshed.append((layer, shapes))
                 if not self.owns_curvature(layer):
                     continue
-                state["activation_eigenvalues"], state["activation_eigenvectors"] = eigh_factor(
-                    activation_factor
-                )
-                state["gradient_eigenvalues"], state["gradient_eigenvectors"] = eigh_factor(
-                    gradient_factor
-                )
+                for side, _ in sides:
+                    eigenvalues, eigenvectors = eigh_factor(state[f"{side}_factor"])
+                    state[f"{side}_eigenvalues"] = eigenvalues
+                    if eigenvectors is not None:
+                        state[f"{side}_eigenvectors"] = eigenvectors
             elif any(p in grad_sq for p in layer.params):
                 refreshed.append(
                     (
                         layer,
                         {
-                            "activation_inverse": (d_a, d_a),
+                            "activation_inverse": layer.activation_shape,
                             "activation_damping": (),
-                            "gradient_inverse": (d_g, d_g),
+                            "gradient_inverse": layer.gradient_shape,
                             "gradient_damping": (),
                         },
                     )
@@ -251,24 +242,19 @@ class KFAC(CurvatureOptimizer):
         if "pi" not in state:
             # No curvature yet: the damped preconditioner of zero factors.
             return gradient_matrix / damping
-        gradient_eig = ("gradient_eigenvalues", "gradient_eigenvectors")
-        activation_eig = ("activation_eigenvalues", "activation_eigenvectors")
-        if self.options.damping_form == "exact":
-            return kronecker_tikhonov_solve_eigh(
-                gradient_matrix,
-                (state[gradient_eig[0]], state[gradient_eig[1]]),
-                (state[activation_eig[0]], state[activation_eig[1]]),
-                damping,
+        if self.options.inverse == "eigh":
+            # Eigenvectors are absent for a diagonal side (the identity).
+            gradient_eig = (state["gradient_eigenvalues"], state.get("gradient_eigenvectors"))
+            activation_eig = (state["activation_eigenvalues"], state.get("activation_eigenvectors"))
+            if self.options.damping_form == "exact":
+                return kronecker_tikhonov_solve_eigh(
+                    gradient_matrix, gradient_eig, activation_eig, damping
+                )
+            gradient_damping, activation_damping = sqrt_damping_split(damping, state["pi"])
+            return kronecker_solve_eigh(
+                gradient_matrix, gradient_eig, activation_eig, gradient_damping, activation_damping
             )
         gradient_damping, activation_damping = sqrt_damping_split(damping, state["pi"])
-        if self.options.inverse == "eigh":
-            return kronecker_solve_eigh(
-                gradient_matrix,
-                (state[gradient_eig[0]], state[gradient_eig[1]]),
-                (state[activation_eig[0]], state[activation_eig[1]]),
-                gradient_damping,
-                activation_damping,
-            )
         if "activation_inverse" not in state:
             if not bool(self._step_finite):
                 return gradient_matrix / damping  # a skipped step writes no inverse

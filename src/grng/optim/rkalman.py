@@ -99,7 +99,7 @@ import torch
 from torch import Tensor, nn
 
 from grng.curvature import FactorEstimate, KroneckerLayer
-from grng.linalg import pi_correction, symmetrize
+from grng.linalg import kronecker_solve_inverse, pi_correction, symmetrize
 from grng.optim.base import Closure, CurvatureOptimizer, sqrt_damping_split
 from grng.optim.options import (
     CurvatureOptions,
@@ -265,19 +265,23 @@ class RKalman(CurvatureOptimizer):
         weight = 1 - beta if self.forgetting else 1.0
         for layer in self.layers:
             estimate = estimates.get(layer.name)
-            if estimate is None or estimate.activation_rows is None:
+            if estimate is None:
                 continue
-            assert estimate.gradient_rows is not None
             state = self._layer_state(layer)
             if "activation_covariance" not in state:
                 self._initialise(layer, state, estimate, finite)
             self._follow_damping(layer, state)
-            for side, rows in (
-                ("activation", estimate.activation_rows),
-                ("gradient", estimate.gradient_rows),
+            for side, rows, factor in (
+                ("activation", estimate.activation_rows, estimate.activation_factor),
+                ("gradient", estimate.gradient_rows, estimate.gradient_factor),
             ):
                 old = state[f"{side}_covariance"]
-                new = kalman_absorb(old, rows.mT.to(old.dtype), beta, weight)
+                if old.dim() == 1:
+                    # A diagonal side: its information is the diagonal, updated exactly.
+                    new = 1 / (beta / old + weight * factor.to(old.dtype))
+                else:
+                    assert rows is not None, f"{layer.name}: no rows kept for a dense side"
+                    new = kalman_absorb(old, rows.mT.to(old.dtype), beta, weight)
                 if self.forgetting:
                     new = self._absorb_floor(state, side, new, finite)
                 state[f"{side}_covariance"] = torch.where(finite, new, old)
@@ -296,12 +300,16 @@ class RKalman(CurvatureOptimizer):
         state["pi"] = pi  # the split of every later damping (_follow_damping)
         if not self.forgetting:
             state["prior_damping"] = float(self._group_of(layer.weight)["damping"])
-        for side, floor, dim in (
-            ("activation", activation_floor, layer.activation_dim),
-            ("gradient", gradient_floor, layer.gradient_dim),
+        for side, floor, shape in (
+            ("activation", activation_floor, layer.activation_shape),
+            ("gradient", gradient_floor, layer.gradient_shape),
         ):
+            dim = shape[0]
             prior = floor_schedule(dim, self.floor_columns, beta)[2] if self.forgetting else 1.0
-            eye = torch.eye(dim, dtype=pi.dtype, device=pi.device)
+            # A diagonal side keeps the diagonal of its covariance only.
+            eye = torch.ones(dim, dtype=pi.dtype, device=pi.device)
+            if len(shape) == 2:
+                eye = torch.diag(eye)
             state[f"{side}_covariance"] = eye / (floor * prior)
             state[f"{side}_floor"] = floor
             state[f"{side}_floor_cursor"] = torch.zeros((), dtype=torch.int64, device=pi.device)
@@ -344,6 +352,9 @@ class RKalman(CurvatureOptimizer):
         index = (cursor + torch.arange(columns, device=cursor.device)) % dim
         state[f"{side}_floor_cursor"] = torch.where(finite, (cursor + columns) % dim, cursor)
         floor = state[f"{side}_floor"].to(covariance.dtype)
+        if covariance.dim() == 1:
+            added = torch.zeros_like(covariance).index_fill_(0, index, 1.0) * floor * information
+            return 1 / (1 / covariance + added)
         return absorb_coordinates(covariance, index, floor * information)
 
     # --------------------------------------------------------------- step
@@ -354,7 +365,9 @@ class RKalman(CurvatureOptimizer):
         state = self._layer_state(layer)
         if "activation_covariance" not in state:
             return gradient_matrix / damping
-        delta = state["gradient_covariance"] @ gradient_matrix @ state["activation_covariance"]
+        delta = kronecker_solve_inverse(
+            gradient_matrix, state["gradient_covariance"], state["activation_covariance"]
+        )
         if self.forgetting:
             # Bias correction: after t updates the data carry a total weight 1 − β^t in
             # Λ_t, so Λ_t / (1 − β^t) is the running average's estimate, and its inverse
@@ -364,10 +377,14 @@ class RKalman(CurvatureOptimizer):
         return delta
 
     def _precondition(
-        self, search: dict[Tensor, Tensor], grad_sq: dict[Tensor, Tensor], total_grad_sq: Tensor
+        self,
+        search: dict[Tensor, Tensor],
+        grad_sq: dict[Tensor, Tensor],
+        total_grad_sq: Tensor,
+        grads: dict[Tensor, Tensor] | None = None,
     ) -> dict[Tensor, Tensor]:
         """The preconditioned directions scaled by the GR step length α (module docstring)."""
-        directions = super()._precondition(search, grad_sq, total_grad_sq)
+        directions = super()._precondition(search, grad_sq, total_grad_sq, grads)
         if all(group["rho"] == 0 for group in self.param_groups):
             return directions
         along, length = [], []
