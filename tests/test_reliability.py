@@ -8,9 +8,9 @@ optimizer, every public constructor argument, reused/tied layers, empty batches,
 dtype changes after construction, optimizer independence, and the monotonicity of
 the damped Kronecker solves.
 
-Variants are built from whatever ``grng`` exports among the known optimizer
-names, so a newly exported optimizer is covered (``test_every_export_is_covered``
-fails until it has a variant here).
+Variants come from ``tests/cases.py`` (whatever ``grng`` exports among the known
+optimizer names), so a newly exported optimizer is covered
+(``test_every_export_is_covered`` fails until it has a variant there).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,110 +30,21 @@ from torch import Tensor, nn
 
 import grng
 from grng.linalg import eigh_factor, kronecker_solve_eigh, kronecker_solve_inverse
-
-KNOWN = ("KFAC", "RING", "RENG", "RKalman")
-EXPORTED = [n for n in KNOWN if hasattr(grng, n)]
-
-#: variant -> (exported class name, constructor keywords, needs create_graph backward)
-VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "KFAC": ("KFAC", dict(inverse_update_freq=2), False),
-    "KFAC-eigh": ("KFAC", dict(inverse_update_freq=2, inverse="eigh"), False),
-    "RING": ("RING", dict(rho=0.05, inverse_update_freq=2), False),
-    "RING-ns": (
-        "RING",
-        dict(rho=0.05, inverse_update_freq=2, inverse="newton_schulz", damping_form="factored"),
-        False,
-    ),
-    "RENG-exact": ("RENG", dict(rho=0.05, inverse_update_freq=2), True),
-    "RENG-fd": ("RENG", dict(rho=0.05, inverse_update_freq=2, hvp="finite_difference"), False),
-    "RKalman": ("RKalman", dict(rho=0.05), False),
-}
-VARIANTS = {k: v for k, v in VARIANTS.items() if v[0] in EXPORTED}
-ALL = list(VARIANTS)
-#: One variant per exported class (the cheaper tests).
-ONE_EACH = [next(k for k, v in VARIANTS.items() if v[0] == name) for name in EXPORTED]
-KRONECKER_INVERSES = [k for k, v in VARIANTS.items() if v[0] != "RKalman"]
-
-
-def make(variant: str, model: nn.Module, **kwargs: Any) -> grng.CurvatureOptimizer:
-    name, base, _ = VARIANTS[variant]
-    return getattr(grng, name)(model, **{"factor_update_freq": 2, **base, **kwargs})
-
-
-def net(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).to(dtype)
-
-
-def batch(i: int, n: int = 16, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(100 + i)
-    return torch.randn(n, 5, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
-
-
-LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-
-def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model(x), y)
-
-
-def train_step(
-    variant: str,
-    model: nn.Module,
-    optimizer: grng.CurvatureOptimizer,
-    x: Tensor,
-    y: Tensor,
-    loss_fn: LossFn = cross_entropy,
-    chunks: int = 1,
-) -> Tensor | None:
-    """One step through a closure (RENG-fd needs one), ``chunks`` accumulated backwards."""
-    create_graph = VARIANTS[variant][2]
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        total = torch.zeros(())
-        for xs, ys in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
-            loss = loss_fn(model, xs, ys) / chunks
-            loss.backward(create_graph=create_graph)
-            total = total + loss.detach()
-        return total
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
-        return optimizer.step(closure)
-
-
-def snapshot(model: nn.Module, optimizer: grng.CurvatureOptimizer) -> tuple[Any, Any]:
-    state = copy.deepcopy(optimizer.state_dict()["state"])
-    state.pop("counters")
-    return copy.deepcopy([p.detach() for p in model.parameters()]), state
-
-
-def assert_same(a: Any, b: Any, path: str = "") -> None:
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and a.dtype == b.dtype, path
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
-def curvature_tensors(optimizer: grng.CurvatureOptimizer) -> dict[str, Tensor]:
-    """Every square curvature matrix in the state (factors, covariances, inverses)."""
-    out: dict[str, Tensor] = {}
-    for key, entry in optimizer.state.items():
-        if isinstance(key, str) and key.startswith("layer:"):
-            for name, value in entry.items():
-                if isinstance(value, Tensor) and value.dim() == 2:
-                    out[f"{key}/{name}"] = value
-    return out
+from tests.cases import (
+    ALL,
+    EXPORTED,
+    KNOWN,
+    KRONECKER_INVERSES,
+    ONE_EACH,
+    VARIANTS,
+    assert_same,
+    batch,
+    curvature_tensors,
+    make,
+    mlp,
+    snapshot,
+    train_step,
+)
 
 
 def no_hooks(model: nn.Module) -> bool:
@@ -155,8 +65,10 @@ def test_every_export_is_covered() -> None:
         and issubclass(getattr(grng, name), grng.CurvatureOptimizer)
         and getattr(grng, name) is not grng.CurvatureOptimizer
     }
-    assert exported <= set(KNOWN), f"add {exported - set(KNOWN)} to KNOWN and VARIANTS"
-    assert {v[0] for v in VARIANTS.values()} == exported
+    assert exported <= set(KNOWN), (
+        f"add {exported - set(KNOWN)} to KNOWN and VARIANTS in tests/cases.py"
+    )
+    assert {v.optimizer for v in VARIANTS.values()} == exported
 
 
 # ------------------------------------------------------------------------ non-finite values
@@ -182,7 +94,7 @@ def overflowing_statistics(i: int) -> tuple[Tensor, Tensor]:
 
 
 def test_overflowing_statistics_batch_really_has_finite_gradients() -> None:
-    model = net()
+    model = mlp()
     F.cross_entropy(model(overflowing_statistics(0)[0]), overflowing_statistics(0)[1]).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     x = overflowing_statistics(0)[0]
@@ -197,7 +109,7 @@ def test_nonfinite_gradient_skips_capture_and_refresh_steps_entirely(
     """Non-finite gradient, finite statistics: on a plain step (3) and on a capture-and-
     refresh step (4) nothing in the state changes — inverses and eigenbases included."""
     loss_fn = nan_gradient if poison == "nan_gradient" else inf_gradient
-    model = net()
+    model = mlp()
     optimizer = make(variant, model)
     for i in range(3):
         train_step(variant, model, optimizer, *batch(i))
@@ -206,7 +118,7 @@ def test_nonfinite_gradient_skips_capture_and_refresh_steps_entirely(
         train_step(variant, model, optimizer, *batch(3), loss_fn=loss_fn)
     assert_same(before, snapshot(model, optimizer))
     assert optimizer.is_capture_step()
-    assert optimizer.is_refresh_step() or VARIANTS[variant][0] == "RKalman"  # no refreshes
+    assert optimizer.is_refresh_step() or VARIANTS[variant].optimizer == "RKalman"  # no refreshes
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # warned once only
         train_step(variant, model, optimizer, *batch(4), loss_fn=loss_fn)
@@ -222,7 +134,7 @@ def test_nonfinite_gradient_skips_capture_and_refresh_steps_entirely(
 def test_overflowing_statistics_with_finite_gradients(variant: str) -> None:
     """Statistics are only read on capture steps: there such a batch is skipped whole,
     on a non-capture step it is an ordinary (finite) step."""
-    model = net()
+    model = mlp()
     optimizer = make(variant, model)
     for i in range(2):
         train_step(variant, model, optimizer, *batch(i))
@@ -244,7 +156,7 @@ def test_overflowing_statistics_with_finite_gradients(variant: str) -> None:
 @pytest.mark.parametrize("variant", ONE_EACH)
 @pytest.mark.parametrize("poison", ["nan_gradient", "overflowing_statistics"])
 def test_raise_policy_raises_before_changing_anything(variant: str, poison: str) -> None:
-    model = net()
+    model = mlp()
     optimizer = make(variant, model, nonfinite="raise")
     for i in range(2):
         train_step(variant, model, optimizer, *batch(i))
@@ -261,7 +173,7 @@ def test_raise_policy_raises_before_changing_anything(variant: str, poison: str)
 # ---------------------------------------------------------------------- numerical health
 @pytest.mark.parametrize("variant", ALL)
 def test_curvature_matrices_are_symmetric(variant: str) -> None:
-    model = net()
+    model = mlp()
     optimizer = make(variant, model, factor_update_freq=1)
     for i in range(5):
         train_step(variant, model, optimizer, *batch(i))
@@ -281,7 +193,7 @@ def test_curvature_matrices_are_symmetric(variant: str) -> None:
 def test_corrupted_factor_is_repaired_not_used(variant: str, corruption: str) -> None:
     """A factor made indefinite (or of condition 1e12) before a refresh: the inverse
     ladder repairs it (method recorded), and the step stays finite and bounded."""
-    model = net()
+    model = mlp()
     optimizer = make(variant, model, factor_update_freq=4, inverse_update_freq=4, damping=1e-6)
     for i in range(4):
         train_step(variant, model, optimizer, *batch(i))
@@ -353,7 +265,7 @@ def _first_layer_curvature(optimizer: grng.CurvatureOptimizer) -> dict[str, Tens
 def test_grad_scaler_gives_the_unscaled_curvature_and_step(variant: str) -> None:
     if not hasattr(torch.amp, "GradScaler"):
         pytest.skip("torch.amp.GradScaler is not available")
-    models = [net(), net()]
+    models = [mlp(), mlp()]
     plain, scaled = make(variant, models[0]), make(variant, models[1])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
     scaled.grad_scaler = scaler
@@ -376,7 +288,7 @@ def test_grad_scaler_gives_the_unscaled_curvature_and_step(variant: str) -> None
 
 def test_mc_fisher_is_not_unscaled_by_the_grad_scaler() -> None:
     """Regression: the MC pass's unscaled loss had its G divided by the loss scale² too."""
-    models = [net(), net()]
+    models = [mlp(), mlp()]
     plain, scaled = (grng.KFAC(m, fisher="mc", factor_update_freq=1) for m in models)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
     scaled.grad_scaler = scaler
@@ -399,7 +311,7 @@ def test_mc_fisher_is_not_unscaled_by_the_grad_scaler() -> None:
 @pytest.mark.parametrize("variant", ALL)
 @pytest.mark.usefixtures("float64")
 def test_accumulated_half_batches_give_the_full_batch_step(variant: str) -> None:
-    models = [net(dtype=torch.float64), net(dtype=torch.float64)]
+    models = [mlp(dtype=torch.float64), mlp(dtype=torch.float64)]
     whole, split = make(variant, models[0]), make(variant, models[1])
     for i in range(3):
         x, y = batch(i, dtype=torch.float64)
@@ -438,6 +350,19 @@ BAD_ARGUMENTS: dict[str, list[Any]] = {
     "seed": ["0", 2.5, NAN, None],
     "damping_form": ["tikhonov", None],
     "loss_reduction": ["batchmean", None],
+    "exclude": ["no_such_module", ["0", "9"], 3, [2.5], {"0": True}],
+    "param_groups": [
+        {"params": ["0.weight"]},
+        "0.weight",
+        [{"lr": 0.1}],
+        [{"params": ["no_such.weight"]}],
+        [{"params": ["0.weight"]}, {"params": ["0.weight"], "lr": 0.1}],
+        [{"params": ["0.weight"], "dampin": 1e-3}],
+        [{"params": ["0.weight"], "lr": -1.0}],
+        [{"params": []}],
+        [{"params": [torch.nn.Parameter(torch.zeros(2))]}],
+    ],
+    "max_factor_dim": [0, -1, 2.5, "8", True],
 }
 
 
@@ -476,7 +401,7 @@ CASES = [
 def test_bad_argument_is_refused_by_name_and_leaves_no_hook(
     name: str, argument: str, value: Any
 ) -> None:
-    model = net()
+    model = mlp()
     with pytest.raises((ValueError, TypeError), match=argument):
         getattr(grng, name)(model, **{argument: value})
     assert no_hooks(model)
@@ -484,7 +409,7 @@ def test_bad_argument_is_refused_by_name_and_leaves_no_hook(
 
 @pytest.mark.parametrize("name", EXPORTED)
 def test_unknown_argument_and_bad_model_are_refused(name: str) -> None:
-    model = net()
+    model = mlp()
     with pytest.raises(TypeError, match="dampin"):
         getattr(grng, name)(model, dampin=1e-3)  # a typo must not pass silently
     assert no_hooks(model)
@@ -495,7 +420,7 @@ def test_unknown_argument_and_bad_model_are_refused(name: str) -> None:
 @pytest.mark.parametrize("name", EXPORTED)
 def test_numpy_style_integers_are_accepted(name: str) -> None:
     np = pytest.importorskip("numpy")
-    optimizer = getattr(grng, name)(net(), factor_update_freq=np.int64(3))
+    optimizer = getattr(grng, name)(mlp(), factor_update_freq=np.int64(3))
     assert optimizer.options.factor_update_freq == 3
 
 
@@ -536,7 +461,7 @@ def test_reused_and_tied_layers_train(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", ALL)
 def test_empty_batch_takes_no_statistics_and_no_step(variant: str) -> None:
-    model = net()
+    model = mlp()
     optimizer = make(variant, model, factor_update_freq=1, momentum=0.0)
     train_step(variant, model, optimizer, *batch(0))
     before = snapshot(model, optimizer)
@@ -557,7 +482,7 @@ def test_empty_batch_takes_no_statistics_and_no_step(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", ALL)
 def test_batch_of_one_trains(variant: str) -> None:
-    model = net()
+    model = mlp()
     optimizer = make(variant, model, factor_update_freq=1)
     for i in range(4):
         x, y = batch(i, n=1)
@@ -570,7 +495,7 @@ def test_batch_of_one_trains(variant: str) -> None:
 def test_model_cast_to_float64_after_construction(variant: str) -> None:
     """Promise: the curvature follows the parameters' dtype at the next capture and the
     resulting state is float64 and finite; the step is then exact in float64."""
-    model = net()
+    model = mlp()
     optimizer = make(variant, model, factor_update_freq=1)
     for i in range(3):
         train_step(variant, model, optimizer, *batch(i))
@@ -590,7 +515,7 @@ def test_model_cast_to_float64_after_construction(variant: str) -> None:
 @pytest.mark.parametrize("variant", ONE_EACH)
 def test_model_moved_to_cuda_after_construction(variant: str) -> None:
     """The state built on CPU follows the parameters to the GPU at the next step."""
-    model = net()
+    model = mlp()
     optimizer = make(variant, model, factor_update_freq=1)
     for i in range(3):
         train_step(variant, model, optimizer, *batch(i))
@@ -605,7 +530,7 @@ def test_model_moved_to_cuda_after_construction(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", ONE_EACH)
 def test_bfloat16_autocast_keeps_float32_statistics(variant: str) -> None:
-    model = net()
+    model = mlp()
     optimizer = make(variant, model, factor_update_freq=1)
     x, y = batch(0)
     losses = []
@@ -628,7 +553,7 @@ def test_a_second_optimizer_on_the_same_model_does_not_perturb_the_first(variant
     one that is built on the same model (shared parameters) but never stepped changes
     nothing about the other's trajectory, bit for bit. Stepping both on shared
     parameters applies both updates, as with any two torch.optim optimizers."""
-    alone, shared = net(), net()
+    alone, shared = mlp(), mlp()
     first = make(variant, alone)
     second_first = make(variant, shared)
     bystander = grng.KFAC(shared, factor_update_freq=1)  # hooks armed on every step
@@ -645,7 +570,7 @@ def test_a_second_optimizer_on_the_same_model_does_not_perturb_the_first(variant
 
 @pytest.mark.parametrize("variant", ALL)
 def test_added_param_group_trains_with_the_fallback(variant: str) -> None:
-    model = net()
+    model = mlp()
     optimizer = make(variant, model)
     extra = nn.Parameter(torch.zeros(3))
     optimizer.add_param_group({"params": [extra], "lr": 0.1})

@@ -7,7 +7,17 @@
 """
 
 from grng.curvature import LayerAdapter, register_layer
-from grng.optim import KFAC, RENG, RING, CurvatureOptimizer, CurvatureOptions, RKalman
+from grng.optim import (
+    KFAC,
+    RENG,
+    RING,
+    Coverage,
+    CoverageEntry,
+    CoverageWarning,
+    CurvatureOptimizer,
+    CurvatureOptions,
+    RKalman,
+)
 
 __version__ = "0.1.0"
 
@@ -15,6 +25,9 @@ __all__ = [
     "KFAC",
     "RENG",
     "RING",
+    "Coverage",
+    "CoverageEntry",
+    "CoverageWarning",
     "CurvatureOptimizer",
     "CurvatureOptions",
     "LayerAdapter",

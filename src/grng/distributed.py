@@ -74,23 +74,56 @@ __all__ = [
     "make_distributor",
     "shutdown",
     "strip_wrapper_prefix",
+    "unwrap_model",
 ]
 
 #: Name prefix that ``DistributedDataParallel`` / ``DataParallel`` add to the wrapped model's names.
 WRAPPER_PREFIX = "module."
+#: Name prefix that ``torch.compile``'s ``OptimizedModule`` adds to the compiled model's names.
+COMPILE_PREFIX = "_orig_mod."
+
+
+def _wrapped(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(prefix, inner model)`` when ``model`` is a (D)DP or ``torch.compile`` wrapper."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)):
+        return WRAPPER_PREFIX, model.module
+    # torch.compile's OptimizedModule, recognised without importing torch._dynamo.
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return COMPILE_PREFIX, inner
+    return None
+
+
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model inside every (D)DP / ``torch.compile`` wrapper, and its name in ``model``."""
+    path = ""
+    wrapped = _wrapped(model)
+    while wrapped is not None:
+        prefix, model = wrapped
+        path += prefix
+        wrapped = _wrapped(model)
+    return model, path[:-1]
 
 
 def strip_wrapper_prefix(name: str, model: nn.Module) -> str:
-    """``name`` without the ``module.`` prefix when ``model`` is a (D)DP wrapper.
+    """``name`` without the prefixes that wrappers of ``model`` add to its names.
 
-    State keys then do not depend on whether the optimizer was built on
-    ``ddp`` or ``ddp.module``, and checkpoints move between the two. Names of
-    an unwrapped model are left alone (its own submodule may be called
-    ``module``).
+    (Distributed)DataParallel adds ``module.`` and ``torch.compile`` adds ``_orig_mod.``,
+    in any nesting (``torch.compile(ddp)`` names start ``_orig_mod.module.``). State keys
+    then do not depend on whether the optimizer was built on the wrapper or on the model
+    inside, and checkpoints move between the two. The wrapped model's own name (``module``,
+    ``_orig_mod``) becomes ``""``, as the root's. Names of an unwrapped model are left
+    alone (its own submodule may be called ``module``).
     """
-    wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel))
-    if wrapped and name.startswith(WRAPPER_PREFIX):
-        return name[len(WRAPPER_PREFIX) :]
+    wrapped = _wrapped(model)
+    while wrapped is not None:
+        prefix, model = wrapped
+        if name == prefix[:-1]:
+            return ""
+        if not name.startswith(prefix):
+            break
+        name = name[len(prefix) :]
+        wrapped = _wrapped(model)
     return name
 
 

@@ -12,18 +12,9 @@ from torch import nn
 
 import grng
 from grng.linalg import pi_correction
+from tests.cases import batch, mlp, tiny_mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-def _net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-
-
-def _data(seed: int = 1, n: int = 16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def _step(model, optimizer, x, y):
@@ -48,8 +39,8 @@ PLAIN = dict(momentum=0.0, kl_clip=None, factor_update_freq=1, inverse_update_fr
 @pytest.mark.parametrize("inverse", ["eigh", "newton_schulz"])
 @pytest.mark.parametrize("cls", [grng.KFAC, grng.RING])
 def test_first_step_equals_dense_factored_tikhonov_solve(cls, inverse):
-    model = _net()
-    x, y = _data()
+    model = tiny_mlp()
+    x, y = batch(1, features=4)
     kwargs = dict(lr=1.0, damping=0.1, inverse=inverse, inverse_tol=1e-12, **PLAIN)
     if cls is grng.RING:
         kwargs.update(rho=0.3, damping_form="factored")
@@ -104,12 +95,12 @@ def _cnn(seed: int = 0) -> nn.Module:
 
 
 @pytest.mark.parametrize("grad_norm", ["global", "layer"])
-@pytest.mark.parametrize("architecture", [_net, _cnn])
+@pytest.mark.parametrize("architecture", [tiny_mlp, _cnn])
 def test_ring_step_equals_dense_exact_tikhonov_solve(architecture, grad_norm):
     """Regression: RING stated δ = −(F + γI)⁻¹g with F = G ⊗ A but computed K-FAC's factored
     damping (0.49–0.69 relative difference). Ground truth: a dense solve with the factors."""
     model = architecture()
-    x, y = _data()
+    x, y = batch(1, features=4)
     lam, rho = 0.02, 0.3
     optimizer = grng.RING(model, lr=1.0, rho=rho, damping=lam, grad_norm=grad_norm, **PLAIN)
     before = [p.detach().clone() for p in model.parameters()]
@@ -145,20 +136,20 @@ def test_ring_step_equals_dense_exact_tikhonov_solve(architecture, grad_norm):
 
 def test_exact_and_factored_damping_differ_as_the_audit_measured():
     """The two forms are different methods: on the MLP the factored step is about half as long."""
-    x, y = _data()
+    x, y = batch(1, features=4)
     lengths = {}
     for form in ("exact", "factored"):
-        model = _net()
+        model = tiny_mlp()
         optimizer = grng.RING(model, lr=1.0, rho=0.0, damping=0.01, damping_form=form, **PLAIN)
         lengths[form] = _update(model, optimizer, x, y).norm().item()
     assert lengths["factored"] < 0.8 * lengths["exact"], lengths
 
 
 def test_kfac_with_exact_damping_is_ring_with_rho_zero():
-    x, y = _data()
+    x, y = batch(1, features=4)
     updates = []
     for cls, extra in ((grng.KFAC, {}), (grng.RING, {"rho": 0.0})):
-        model = _net()
+        model = tiny_mlp()
         optimizer = cls(model, lr=1.0, damping=0.01, damping_form="exact", inverse="eigh",
                         **extra, **PLAIN)  # fmt: skip
         updates.append(_update(model, optimizer, x, y))
@@ -167,8 +158,8 @@ def test_kfac_with_exact_damping_is_ring_with_rho_zero():
 
 @pytest.mark.parametrize("inverse", ["eigh", "newton_schulz"])
 def test_ring_with_rho_zero_is_kfac(inverse):
-    x, y = _data(n=32)
-    models = [_net(), _net()]
+    x, y = batch(1, 32, features=4)
+    models = [tiny_mlp(), tiny_mlp()]
     kfac = grng.KFAC(
         models[0],
         lr=0.1,
@@ -197,10 +188,10 @@ def test_ring_with_rho_zero_is_kfac(inverse):
 
 @pytest.mark.parametrize("grad_norm", ["global", "layer"])
 def test_larger_rho_never_lengthens_the_step(grad_norm):
-    x, y = _data()
+    x, y = batch(1, features=4)
     lengths = []
     for rho in [0.0, 0.01, 0.1, 1.0, 10.0]:
-        model = _net()
+        model = tiny_mlp()
         optimizer = grng.RING(model, lr=1.0, rho=rho, damping=1e-3, grad_norm=grad_norm, **PLAIN)
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         _step(model, optimizer, x, y)
@@ -214,13 +205,13 @@ def test_newton_schulz_shift_error_stays_within_inverse_tol_when_grad_norm_varie
     """Regression: the first-order damping shift was served up to |ε|/c_ref = 1/2 (measured
     step errors up to 0.37 when ‖g‖ varies 2.5×); now it re-inverts once its error bound
     r_G² + r_A² + r_G² r_A² passes inverse_tol."""
-    x, y = _data(n=64)
+    x, y = batch(1, 64, features=4)
     tol = 1e-3
     common = dict(
         lr=0.05, rho=0.5, damping=0.05, damping_form="factored", factor_update_freq=100, **{}
     )
     common.update(momentum=0.0, kl_clip=None)
-    approx_model, exact_model = _net(), _net()
+    approx_model, exact_model = tiny_mlp(), tiny_mlp()
     approx = grng.RING(
         approx_model, inverse="newton_schulz", inverse_update_freq=50, inverse_tol=tol, **common
     )
@@ -242,8 +233,8 @@ def test_newton_schulz_shift_error_stays_within_inverse_tol_when_grad_norm_varie
 def test_newton_schulz_inverses_follow_a_damping_change(cls):
     """Regression: with constant damping the stored inverses were used unconditionally, so
     damping 1e-3 → 10 in param_groups left the step ~800× too long until the next refresh."""
-    x, y = _data(n=32)
-    models = [_net(), _net()]
+    x, y = batch(1, 32, features=4)
+    models = [tiny_mlp(), tiny_mlp()]
     kwargs = dict(lr=1.0, damping=1e-3, momentum=0.0, kl_clip=None, inverse_update_freq=100)
     if cls is grng.RENG:
         kwargs["rho"] = 0.0
@@ -260,27 +251,27 @@ def test_newton_schulz_inverses_follow_a_damping_change(cls):
 @pytest.mark.parametrize("cls", [grng.KFAC, grng.RING, grng.RENG])
 def test_exact_tikhonov_form_needs_eigenbases(cls):
     with pytest.raises(ValueError, match="damping_form='exact' needs inverse='eigh'"):
-        cls(_net(), damping_form="exact", inverse="newton_schulz")
+        cls(tiny_mlp(), damping_form="exact", inverse="newton_schulz")
 
 
 def test_kfac_refuses_rho_instead_of_ignoring_it():
     """Regression: KFAC(rho=0.1) was accepted and ignored."""
     with pytest.raises(TypeError, match="'rho'"):
-        grng.KFAC(_net(), rho=0.1)
-    optimizer = grng.KFAC(_net())
+        grng.KFAC(tiny_mlp(), rho=0.1)
+    optimizer = grng.KFAC(tiny_mlp())
     with pytest.raises(TypeError, match="'rho'"):
         optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "rho": 0.1})
     assert len(optimizer.param_groups) == 1
     # RING, RENG and R-Kalman have it; a typo is still refused by name.
     for cls in (grng.RING, grng.RENG, grng.RKalman):
-        cls(_net(), rho=0.1)
+        cls(tiny_mlp(), rho=0.1)
         with pytest.raises(TypeError, match="'rhoo'"):
-            cls(_net(), rhoo=0.1)
+            cls(tiny_mlp(), rhoo=0.1)
 
 
 def test_state_dict_round_trip_continues_bit_identically():
-    x, y = _data(n=64)
-    model = _net()
+    x, y = batch(1, 64, features=4)
+    model = tiny_mlp()
     optimizer = grng.RING(model, lr=0.05, factor_update_freq=3, inverse_update_freq=5)
     for i in range(7):
         _step(model, optimizer, x[i * 8 : i * 8 + 8], y[i * 8 : i * 8 + 8])
@@ -289,7 +280,7 @@ def test_state_dict_round_trip_continues_bit_identically():
     for i in range(7, 14):
         _step(model, optimizer, x[(i % 8) * 8 : (i % 8) * 8 + 8], y[(i % 8) * 8 : (i % 8) * 8 + 8])
 
-    fresh = _net(seed=123)
+    fresh = tiny_mlp(seed=123)
     fresh.load_state_dict(saved_model)
     resumed = grng.RING(fresh, lr=0.05, factor_update_freq=3, inverse_update_freq=5)
     resumed.load_state_dict(saved_opt)
@@ -300,8 +291,8 @@ def test_state_dict_round_trip_continues_bit_identically():
 
 
 def test_state_dict_from_another_shape_is_refused_and_changes_nothing():
-    x, y = _data()
-    small, big = _net(), nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = batch(1, features=4)
+    small, big = tiny_mlp(), mlp((4, 7, 3), layer_norm=False)
     opt_small, opt_big = grng.KFAC(small), grng.KFAC(big)
     _step(small, opt_small, x, y)
     _step(big, opt_big, x, y)
@@ -317,10 +308,10 @@ def test_state_dict_from_another_shape_is_refused_and_changes_nothing():
 
 
 def test_lr_scheduler_and_param_groups_work():
-    model = _net()
+    model = tiny_mlp()
     optimizer = grng.RING(model, lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    x, y = _data()
+    x, y = batch(1, features=4)
     _step(model, optimizer, x, y)
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -359,11 +350,16 @@ def test_model_without_supported_layers_trains_on_the_diagonal_fallback():
 
 
 def test_frozen_parameters_are_skipped_and_tied_weights_updated_once():
-    model = _net()
+    model = tiny_mlp()
     model[0].weight.requires_grad_(False)
     optimizer = grng.KFAC(model)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    assert all(p is not model[0].weight for p in params)
+    # Frozen parameters stay in the groups (to train once unfrozen) but are not stepped.
+    before = model[0].weight.detach().clone()
+    x, y = batch(1, features=4)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert torch.equal(model[0].weight, before) and model[0].weight.grad is None
+    assert optimizer.coverage()["0.weight"].kind == "frozen"
     tied = nn.Linear(3, 3)
     net = nn.Sequential(tied, nn.Tanh(), tied)
     optimizer = grng.KFAC(net)
@@ -392,7 +388,7 @@ def test_frozen_parameters_are_skipped_and_tied_weights_updated_once():
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, name):
-    model = _net()
+    model = tiny_mlp()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises((ValueError, TypeError), match=name):
         grng.RING(model, **kwargs)
@@ -402,14 +398,14 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, name):
 
 
 def test_model_with_no_trainable_parameters_is_refused():
-    model = _net().requires_grad_(False)
+    model = tiny_mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="trainable"):
         grng.KFAC(model)
 
 
 def test_mc_fisher_feeds_the_factors_and_trains():
-    x, y = _data(n=64)
-    model = _net()
+    x, y = batch(1, 64, features=4)
+    model = tiny_mlp()
     optimizer = grng.KFAC(model, fisher="mc", lr=0.05)
     first = None
     for _ in range(30):
@@ -423,4 +419,4 @@ def test_mc_fisher_feeds_the_factors_and_trains():
     assert "activation_factor" in optimizer.state["layer:0"]
     assert loss.item() < first
     with pytest.raises(RuntimeError, match="fisher='mc'"):
-        grng.KFAC(_net()).backward_fisher(logits)
+        grng.KFAC(tiny_mlp()).backward_fisher(logits)

@@ -12,18 +12,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 import grng
+from tests.cases import batch, mnist1d, mnist1d_mlp, tiny_mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-def _net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-
-
-def _data(n: int = 16, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def _hvp_reference(model, x, y):
@@ -53,8 +44,8 @@ def _search_direction(optimizer, model, x, y, *, create_graph=True, closure=None
 
 
 def test_exact_hessian_gradient_product_equals_autograd_hvp():
-    model = _net()
-    x, y = _data()
+    model = tiny_mlp()
+    x, y = batch(1, features=4)
     optimizer = grng.RENG(model, rho=1.0)
     search = _search_direction(optimizer, model, x, y)
     optimizer.zero_grad()
@@ -65,8 +56,8 @@ def test_exact_hessian_gradient_product_equals_autograd_hvp():
 
 
 def test_finite_difference_agrees_with_the_exact_product():
-    model = _net()
-    x, y = _data()
+    model = tiny_mlp()
+    x, y = batch(1, features=4)
 
     def closure():
         optimizer.zero_grad()
@@ -90,8 +81,8 @@ def test_finite_difference_agrees_with_the_exact_product():
 
 @pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
 def test_rho_zero_is_kfac(hvp):
-    x, y = _data(n=32)
-    models = [_net(), _net()]
+    x, y = batch(1, 32, features=4)
+    models = [tiny_mlp(), tiny_mlp()]
     kfac = grng.KFAC(models[0], lr=0.1, damping=0.05, factor_update_freq=2, inverse_update_freq=4)
     reng = grng.RENG(
         models[1],
@@ -119,8 +110,8 @@ def test_rho_zero_is_kfac(hvp):
 
 @pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
 def test_second_order_and_perturbed_passes_do_not_pollute_the_factors(hvp):
-    x, y = _data()
-    models = [_net(), _net()]
+    x, y = batch(1, features=4)
+    models = [tiny_mlp(), tiny_mlp()]
     kfac = grng.KFAC(models[0], factor_update_freq=1)
     reng = grng.RENG(models[1], rho=1.0, hvp=hvp, factor_update_freq=1)
     for model, optimizer, create_graph in (
@@ -141,8 +132,8 @@ def test_second_order_and_perturbed_passes_do_not_pollute_the_factors(hvp):
 
 
 def test_step_after_create_graph_backward_and_graph_is_released():
-    model = _net()
-    x, y = _data()
+    model = tiny_mlp()
+    x, y = batch(1, features=4)
     optimizer = grng.RENG(model, rho=0.5)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad()
@@ -156,8 +147,8 @@ def test_step_after_create_graph_backward_and_graph_is_released():
     ("hvp", "match"), [("exact", "create_graph=True"), ("finite_difference", "step\\(closure\\)")]
 )
 def test_unusable_call_raises_and_changes_nothing(hvp, match):
-    model = _net()
-    x, y = _data()
+    model = tiny_mlp()
+    x, y = batch(1, features=4)
     optimizer = grng.RENG(model, rho=0.5, hvp=hvp)
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()  # no second-order graph, no closure
@@ -185,7 +176,7 @@ class _DistanceLayer(nn.Module):
 def test_layer_without_double_backward_is_named():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), _DistanceLayer(), nn.Linear(6, 3))
-    x, y = _data()
+    x, y = batch(1, features=4)
     optimizer = grng.RENG(model, rho=0.5)
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward(create_graph=True)
@@ -219,7 +210,7 @@ def test_once_differentiable_op_is_refused_and_named():
     # lose the first layer's part instead of raising.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), _Square(), nn.Linear(6, 3))
-    x, y = _data()
+    x, y = batch(1, features=4)
     optimizer = grng.RENG(model, rho=0.5)
     before = copy.deepcopy(list(model.parameters()))
     optimizer.zero_grad()
@@ -231,8 +222,8 @@ def test_once_differentiable_op_is_refused_and_named():
 
 
 def test_exact_mode_with_a_plain_closure_raises_and_changes_nothing():
-    model = _net()
-    x, y = _data()
+    model = tiny_mlp()
+    x, y = batch(1, features=4)
     optimizer = grng.RENG(model, rho=0.5)
     before = copy.deepcopy(list(model.parameters()))
 
@@ -249,10 +240,10 @@ def test_exact_mode_with_a_plain_closure_raises_and_changes_nothing():
 
 
 def test_finite_difference_with_a_closure_that_does_not_zero_the_gradients():
-    x, y = _data()
+    x, y = batch(1, features=4)
     searches = []
     for zero_inside in (True, False):
-        model = _net()
+        model = tiny_mlp()
         optimizer = grng.RENG(model, rho=1.0, hvp="finite_difference")
 
         def closure(model=model, optimizer=optimizer, zero_inside=zero_inside):
@@ -270,21 +261,8 @@ def test_finite_difference_with_a_closure_that_does_not_zero_the_gradients():
 
 
 def test_reng_trains_mnist1d_mlp_above_chance():
-    mnist1d_data = pytest.importorskip("mnist1d.data")
-    args = mnist1d_data.get_dataset_args()
-    args.num_samples = 2000
-    data = mnist1d_data.make_dataset(args)
-    to = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    x, y, x_test, y_test = (
-        to(data["x"]),
-        torch.tensor(data["y"]),
-        to(data["x_test"]),
-        torch.tensor(data["y_test"]),
-    )
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-    ).float()
+    x, y, x_test, y_test = mnist1d()
+    model = mnist1d_mlp(128).float()  # the module runs in float64 by default
     optimizer = grng.RENG(model)
     generator = torch.Generator().manual_seed(0)
     for _ in range(300):
@@ -350,7 +328,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def test_finite_difference_replays_dropout_masks(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _noisy_net()
-    x, y = _data()
+    x, y = batch(1, features=4)
     optimizer = grng.RENG(model, rho=1.0, hvp="finite_difference")
     products: list[dict[torch.Tensor, torch.Tensor]] = []
     compute = optimizer._finite_difference_product
@@ -371,7 +349,7 @@ def test_finite_difference_replays_dropout_masks(monkeypatch: pytest.MonkeyPatch
 
 
 def test_finite_difference_step_with_dropout_matches_the_exact_step() -> None:
-    x, y = _data()
+    x, y = batch(1, features=4)
     updates = []
     for hvp in ("finite_difference", "exact"):
         model = _noisy_net()
@@ -385,7 +363,7 @@ def test_finite_difference_step_with_dropout_matches_the_exact_step() -> None:
 
 
 def test_finite_difference_continues_the_random_stream_as_one_closure_call() -> None:
-    x, y = _data()
+    x, y = batch(1, features=4)
     draws = []
     for make in (
         lambda m: grng.KFAC(m),
@@ -400,7 +378,7 @@ def test_finite_difference_continues_the_random_stream_as_one_closure_call() -> 
 
 
 def test_finite_difference_leaves_batchnorm_statistics_alone() -> None:
-    x, y = _data()
+    x, y = batch(1, features=4)
     reference = _noisy_net()
     torch.manual_seed(5)
     reference(x)  # one forward in train mode: what one closure call does to the statistics
@@ -415,7 +393,7 @@ def test_finite_difference_leaves_batchnorm_statistics_alone() -> None:
 
 
 def test_finite_difference_pass_that_raises_restores_rng_and_buffers() -> None:
-    x, y = _data()
+    x, y = batch(1, features=4)
     reference = _noisy_net()
     torch.manual_seed(5)
     reference(x)  # what the first closure call does to the RNG and the statistics

@@ -14,19 +14,14 @@ from torch import nn
 import grng
 from grng.linalg import pi_correction
 from grng.optim.rkalman import absorb_coordinates, floor_schedule, kalman_absorb
-
-
-def _mlp(width: int = 32, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
-    )
+from tests import cases
+from tests.cases import mnist1d, mnist1d_mlp
 
 
 def _train(model, optimizer, steps, batch=32, seed=1):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x, y = torch.randn(batch, 40, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        x, y = cases.batch(g, batch, features=40, classes=10)
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -105,7 +100,7 @@ def test_one_step_from_zero_is_the_ridge_estimate(float64):
 
 
 def test_optimizer_covariance_respects_the_floor(float64):
-    model = _mlp(width=24)
+    model = mnist1d_mlp(24)
     optimizer = grng.RKalman(model, rows_per_update=8, factor_update_freq=1)
     _train(model, optimizer, 60)
     for layer in optimizer.layers:
@@ -306,7 +301,7 @@ def test_damping_change_moves_the_floor_within_one_cycle(float64):
 
 
 def test_state_saved_without_pi_recovers_it_from_the_floors(float64):
-    model = _mlp(width=8)
+    model = mnist1d_mlp(8)
     optimizer = grng.RKalman(model, factor_update_freq=1, rows_per_update=8)
     _train(model, optimizer, 3)
     saved = copy.deepcopy(optimizer.state_dict())
@@ -381,7 +376,7 @@ def test_no_solve_larger_than_the_innovation(monkeypatch):
     for name in TORCH:
         if hasattr(torch, name):
             monkeypatch.setattr(torch, name, recording(getattr(torch, name)))
-    model = _mlp(width=256)
+    model = mnist1d_mlp(256)
     optimizer = grng.RKalman(model, factor_update_freq=1, rows_per_update=32)
     _train(model, optimizer, 4, batch=32)
     assert sizes and max(sizes) <= 32
@@ -389,12 +384,12 @@ def test_no_solve_larger_than_the_innovation(monkeypatch):
 
 
 def test_gradient_regularization_never_lengthens_the_step():
-    model = _mlp()
+    model = mnist1d_mlp()
     optimizer = grng.RKalman(model, rho=0.0, momentum=0.0, kl_clip=None, factor_update_freq=1)
     _train(model, optimizer, 5)
     lengths = []
     for rho in (0.0, 1e-3, 1e-1, 10.0):  # the same state, the same batch, only ρ differs
-        m = _mlp()
+        m = mnist1d_mlp()
         m.load_state_dict(model.state_dict())
         o = grng.RKalman(m, momentum=0.0, kl_clip=None, factor_update_freq=1)
         o.load_state_dict(optimizer.state_dict())
@@ -408,7 +403,7 @@ def test_gradient_regularization_never_lengthens_the_step():
 
 
 def test_row_store_reproduces_the_factors_and_is_opt_in():
-    model = _mlp(width=16)
+    model = mnist1d_mlp(16)
     for keep, exact in ((None, None), (64, True), (8, False)):
         capture = grng.curvature.CurvatureCapture(
             model, grng.curvature.find_kronecker_layers(model, set(model.parameters()))
@@ -429,13 +424,13 @@ def test_row_store_reproduces_the_factors_and_is_opt_in():
 
 
 def test_state_dict_round_trip_continues_bit_identically():
-    model = _mlp()
+    model = mnist1d_mlp()
     optimizer = grng.RKalman(model, factor_update_freq=2)
     _train(model, optimizer, 7)
     saved_model = copy.deepcopy(model.state_dict())
     saved = copy.deepcopy(optimizer.state_dict())
     _train(model, optimizer, 6, seed=5)
-    resumed = _mlp(seed=9)
+    resumed = mnist1d_mlp(seed=9)
     resumed.load_state_dict(saved_model)
     optimizer_resumed = grng.RKalman(resumed, factor_update_freq=2)
     optimizer_resumed.load_state_dict(saved)
@@ -445,14 +440,8 @@ def test_state_dict_round_trip_continues_bit_identically():
 
 
 def test_trains_mnist1d_above_chance():
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.num_samples, args.seed = 2000, 0
-    data = make_dataset(args)
-    x, y = torch.tensor(data["x"], dtype=torch.float32), torch.tensor(data["y"])
-    x_test, y_test = torch.tensor(data["x_test"], dtype=torch.float32), torch.tensor(data["y_test"])
-    model = _mlp(width=128)
+    x, y, x_test, y_test = mnist1d(seed=0)
+    model = mnist1d_mlp(128)
     optimizer = grng.RKalman(model, lr=0.05, rho=1e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(300):

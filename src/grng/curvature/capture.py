@@ -1,12 +1,14 @@
 """Hooks that capture Kronecker-factor statistics, and only when asked to.
 
-:class:`CurvatureCapture` attaches one forward hook per supported module. The
-hook does nothing unless capture is *armed* for the current step (the
+:class:`CurvatureCapture` asks each block's adapter (:mod:`grng.curvature.layers`)
+to hook the modules that compute it (a forward hook by default; attention wraps
+its projections). The hooks report each call through :meth:`CurvatureCapture.record`,
+which does nothing unless capture is *armed* for the current step (the
 optimizer arms it for steps that refresh the factors), autograd is recording,
 and no :meth:`CurvatureCapture.paused` block is open. When it does act, it
-registers a gradient hook on the module's output that receives ``∂L/∂output``
+registers a gradient hook on the block's output that receives ``∂L/∂output``
 during the backward pass and folds the pair (input, output gradient) into
-running sums. Pairing inside one closure means a forward whose output is never
+running sums (a diagonal side sums squares only). Pairing inside one closure means a forward whose output is never
 back-propagated contributes nothing, and a layer used twice in one forward
 contributes both calls, each matched with its own gradient.
 
@@ -190,8 +192,10 @@ class CurvatureCapture:
         output: Tensor,
         columns: slice | None,
     ) -> None:
-        """Pair one call's input with its output gradient (adapters call this)."""
-        if not self.recording() or not output.requires_grad:
+        """Pair one call's input with its output gradient (adapters call this).
+
+        A block whose weight does not require a gradient (frozen) is not recorded."""
+        if not self.recording() or not output.requires_grad or not layer.weight.requires_grad:
             return
         activation = inputs.detach()
 

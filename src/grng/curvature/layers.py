@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from grng._warnings import warn
+
 
 class Recorder(Protocol):
     """What an adapter's hooks report to (the capture engine)."""
@@ -334,14 +336,26 @@ def find_kronecker_layers(
     diagonal.
     """
     layers: list[KroneckerLayer] = []
-    claimed: set[Tensor] = set()
+    claimed: dict[Tensor, KroneckerLayer] = {}
+    untied: list[str] = []
     for name, module in model.named_modules():
         adapter = adapter_for(module)
         if adapter is None or (excluded is not None and excluded(name, module)):
             continue
         own: list[KroneckerLayer] = []
         for block in adapter.blocks(name or type(module).__name__, module):
-            if block.weight not in trainable or block.weight in claimed:
+            owner = claimed.get(block.weight)
+            # A submodule whose parameters its parent's adapter claimed (attention's
+            # out_proj) is not a tie: it never runs on its own.
+            inside_owner = owner is not None and any(m is module for m in owner.module.modules())
+            if owner is not None and owner.adapter is not adapter and not inside_owner:
+                # Tied across module types (GPT-2's lm_head and wte): the owner's
+                # factors have another layout, so this module's calls cannot feed them.
+                untied.append(
+                    f"{name!r} ({type(module).__name__}) shares its weight with "
+                    f"{owner.name!r} ({type(owner.module).__name__})"
+                )
+            if block.weight not in trainable or owner is not None:
                 continue
             if block.bias is not None and (block.bias not in trainable or block.bias in claimed):
                 block.bias, block.bias_rows = None, None
@@ -351,8 +365,14 @@ def find_kronecker_layers(
             own.append(block)
         # Claimed after the module's own blocks: attention's q, k and v share a weight.
         for block in own:
-            claimed.update(block.params)
+            claimed.update(dict.fromkeys(block.params, block))
         layers += own
+    if untied:
+        warn(
+            "weights tied across module types get curvature from their first module's "
+            f"calls only: {'; '.join(untied)}. The other module's calls still contribute "
+            "to the gradient, not to the factors."
+        )
     return layers
 
 

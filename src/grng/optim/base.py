@@ -18,16 +18,43 @@ with every state change masked by ``ok``, so a non-finite step changes nothing
 without a host synchronisation. Subclasses supply the curvature: how it is
 updated from statistics, refreshed, and applied to one layer's gradient matrix.
 
+Parameters and blocks. Every parameter of the model is in ``param_groups``, frozen
+ones included (as in ``torch.optim``, a parameter without ``.grad`` is not
+touched), and the Kronecker blocks are built once, over all of them: a parameter
+frozen at construction and unfrozen later (gradual unfreezing) trains from then
+on with curvature, exactly as one frozen after construction would. A block is
+*active* while its weight requires a gradient: only then does the capture record
+it (no work for frozen layers) and does it precondition its parameters; a
+trainable bias of an inactive block gets the diagonal fallback. A bias frozen at
+construction while its weight trains is left out of the block (it has no bias
+column; if unfrozen later it gets the diagonal fallback). Blocks come from the
+registered layer adapters (:func:`grng.register_layer`), minus modules in
+``exclude=``; a factor side wider than ``max_factor_dim`` is kept diagonal.
+:meth:`CurvatureOptimizer.coverage` lists which curvature each parameter gets.
+
+Groups. ``param_groups=`` puts named parameters in groups of their own
+hyperparameters; the unlisted ones form the first (default) group. ``lr`` (also
+its ``lr²`` in the KL clip's sum), ``momentum``, ``weight_decay`` and RENG's /
+R-Kalman's ``rho`` apply per parameter from its own group; a block's damping γ (``damping``, and RING's
+``rho`` inside ``λ + ρ‖g‖²``) is that of its *weight*'s group, also for its bias
+when the bias is in another group.
+
 State layout (all of it travels in ``state_dict``):
 
 * ``state[param]`` holds per-parameter buffers (``momentum_buffer``);
-* ``state["layer:<module name>"]`` holds a Kronecker layer's curvature;
+* ``state["layer:<block name>"]`` holds a Kronecker block's curvature (the module's
+  name, or with a suffix for modules of several blocks: ``attn.in_proj.q``,
+  ``conv.group1``; a model that is itself one block is named by its type); it is
+  empty until the block's first capture (a frozen block's stays empty);
 * ``state["diagonal:<param name>"]`` holds a fallback parameter's ``fisher_diagonal``;
 * ``state["counters"]`` holds ``step`` and ``nonfinite_steps``.
 
-Names are those of the model, without the ``module.`` that a (Distributed)DataParallel
-wrapper adds, so the state does not depend on whether the optimizer was built on
-``ddp`` or ``ddp.module``. Under ``torch.distributed`` the statistics are made
+``param_groups`` lists every parameter of the model (frozen ones too), in
+``model.parameters()`` order within each group. Names are those of the model,
+without the ``module.`` that a (Distributed)DataParallel wrapper adds or the
+``_orig_mod.`` of ``torch.compile`` (:func:`grng.distributed.strip_wrapper_prefix`),
+so the state does not depend on whether the optimizer was built on the wrapper
+or on the model inside. Under ``torch.distributed`` the statistics are made
 global on capture steps and the refresh work may be sharded across ranks
 (:mod:`grng.distributed`, option ``distributed``).
 
@@ -40,7 +67,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -48,11 +75,25 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from grng._warnings import warn
 from grng.curvature import CurvatureCapture, FactorEstimate, KroneckerLayer, find_kronecker_layers
 from grng.curvature.fisher import Likelihood, sampled_nll
 from grng.curvature.layers import parameters_of
-from grng.distributed import CurvatureShard, Distributor, make_distributor, strip_wrapper_prefix
+from grng.distributed import (
+    CurvatureShard,
+    Distributor,
+    make_distributor,
+    strip_wrapper_prefix,
+    unwrap_model,
+)
+from grng.optim.coverage import Coverage, CoverageWarning, coverage_of, diagonal_warning
 from grng.optim.options import CurvatureOptions, check_group_hyperparameters
+from grng.optim.selection import (
+    ExcludeRule,
+    excluded_modules,
+    model_parameters,
+    resolve_param_groups,
+)
 
 Closure = Callable[[], Tensor]
 
@@ -62,26 +103,36 @@ def statistics_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    seen: set[nn.Parameter] = set()
-    params = []
-    for p in model.parameters():
-        if p.requires_grad and p not in seen:
-            seen.add(p)
-            params.append(p)
-    return params
-
-
 class CurvatureOptimizer(Optimizer):
     """Shared machinery of KFAC, RING, RENG and R-Kalman (see the module docstring).
 
     Args:
-        model: the network. Its trainable parameters form the first parameter
-            group; Linear, Conv1d and Conv2d weights get Kronecker curvature and
-            every other trainable parameter the diagonal fallback.
+        model: the network, after its first forward pass if it has lazy modules. All
+            its parameters (frozen ones too, see the module docstring) are optimized;
+            the modules with a registered layer adapter (Linear, Conv1d/2d,
+            MultiheadAttention, Embedding, :func:`grng.register_layer`) get Kronecker
+            curvature and every other parameter the diagonal fallback
+            (:meth:`coverage`). At least one parameter must require a gradient.
         defaults: per-group hyperparameters (``lr``, ``damping``, ``momentum``,
             ``weight_decay`` and any the subclass adds).
-        options: the curvature options.
+        options: the curvature options (``max_factor_dim`` caps the dense factor sides).
+        exclude: modules whose parameters get the diagonal fallback instead of
+            Kronecker curvature: module names (as in ``model.named_modules()``,
+            without wrapper prefixes; a name excludes the module and its
+            descendants), module types (every instance, with its descendants), or
+            predicates ``(name, module) -> bool``; one of them or a list. An unknown
+            name raises ValueError naming it.
+        param_groups: ``torch.optim``-style groups, ``[{"params": [...], "weight_decay":
+            0.0}, ...]``, whose ``"params"`` name parameters of the model (names as in
+            ``model.named_parameters()`` without wrapper prefixes, or the Parameter
+            objects) and whose other keys are per-group hyperparameters of the class
+            (``hyperparameters``). The parameters no group lists form the default group,
+            first; a parameter listed twice or unknown raises ValueError naming it, an
+            unknown key TypeError. See the module docstring ("Groups") for which group
+            a block's damping comes from.
+
+    Construction warns (:class:`grng.CoverageWarning`) when more than 10% of the
+    trainable scalars, outside ``exclude``, get only the diagonal fallback.
     """
 
     #: Whether the damping depends on the step's gradient (RING); used to know when
@@ -92,23 +143,53 @@ class CurvatureOptimizer(Optimizer):
     #: keyword (a typo such as ``dampin=``) is refused with a TypeError naming it.
     hyperparameters: tuple[str, ...] = ("lr", "damping", "momentum", "weight_decay")
 
-    def __init__(self, model: nn.Module, defaults: dict[str, Any], options: CurvatureOptions):
+    def __init__(
+        self,
+        model: nn.Module,
+        defaults: dict[str, Any],
+        options: CurvatureOptions,
+        *,
+        exclude: ExcludeRule | Iterable[ExcludeRule] | None = None,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._refuse_unknown_hyperparameters(defaults)
         check_group_hyperparameters(defaults)
-        params = _trainable_parameters(model)
-        if not params:
+        params = model_parameters(model)
+        if not any(p.requires_grad for p in params):
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-        super().__init__(params, defaults)
+        self._param_names = {p: strip_wrapper_prefix(n, model) for n, p in model.named_parameters()}
+        groups = resolve_param_groups(
+            param_groups, params, model, defaults, self._refuse_unknown_hyperparameters
+        )
+        #: The modules ``exclude`` names, with their descendants (diagonal fallback).
+        self.excluded_modules: set[nn.Module] = excluded_modules(exclude, model)
+        super().__init__(groups, defaults)
         self.model = model
         self.options = options
-        self.layers: list[KroneckerLayer] = find_kronecker_layers(model, set(params))
+        self.layers: list[KroneckerLayer] = find_kronecker_layers(
+            model,
+            set(params),
+            excluded=lambda name, module: module in self.excluded_modules,
+            max_factor_dim=options.max_factor_dim,
+        )
+        inner, path = unwrap_model(model)
         for layer in self.layers:
-            layer.name = strip_wrapper_prefix(layer.name, model)
-        #: Every parameter a Kronecker block reads (the others get the diagonal fallback).
+            if (
+                layer.bias is not None
+                and layer.weight.requires_grad
+                and not layer.bias.requires_grad
+            ):
+                # A bias frozen while its weight trains stays out of the block (no bias column).
+                layer.bias, layer.bias_rows = None, None
+            if layer.module is inner and inner is not model:
+                # The wrapped model is itself a block: named by its type, as when unwrapped.
+                layer.name = type(inner).__name__ + layer.name[len(path) :]
+            else:
+                layer.name = strip_wrapper_prefix(layer.name, model)
+        #: Every parameter a Kronecker block reads, active or not (module docstring).
         self._blocks_of: dict[Tensor, list[KroneckerLayer]] = parameters_of(self.layers)
-        self._param_names = {p: strip_wrapper_prefix(n, model) for n, p in model.named_parameters()}
         self.capture = CurvatureCapture(
             model, self.layers, options.fisher, loss_reduction=options.loss_reduction
         )
@@ -136,16 +217,32 @@ class CurvatureOptimizer(Optimizer):
         try:
             # Collective: every rank raises (naming the difference) rather than hanging later.
             self.distributor.check_consistent(self._fingerprint())
+            message = diagonal_warning(self, self.coverage())
+            if message is not None:
+                warn(message, CoverageWarning)
         except BaseException:
             self.capture.remove()  # a failed constructor leaves no hook on the model
             raise
 
+    def coverage(self) -> Coverage:
+        """Which curvature each parameter of the model gets now (printable table).
+
+        One :class:`grng.optim.coverage.CoverageEntry` per parameter of
+        ``model.named_parameters()`` (a tied parameter once, wrapper prefixes
+        removed) with its ``kind`` (``"kronecker"``, ``"diagonal"``, ``"frozen"``:
+        not requiring a gradient now), owning ``module_type``, ``numel`` and the
+        Kronecker ``blocks`` that read it. ``print(optimizer.coverage())`` shows a
+        table with the total per kind.
+        """
+        return coverage_of(self)
+
     # ------------------------------------------------------------------ groups
-    def _refuse_unknown_hyperparameters(self, group: dict[str, Any]) -> None:
+    def _refuse_unknown_hyperparameters(self, group: dict[str, Any], where: str = "") -> None:
         unknown = sorted(set(group) - set(self.hyperparameters) - {"params"})
         if unknown:
             raise TypeError(
-                f"{type(self).__name__} got unexpected keyword argument(s) "
+                f"{where + ': ' if where else ''}{type(self).__name__} got unexpected "
+                "keyword argument(s) "
                 f"{', '.join(map(repr, unknown))}; its hyperparameters are "
                 f"{', '.join(self.hyperparameters)}"
             )
@@ -223,8 +320,9 @@ class CurvatureOptimizer(Optimizer):
         terms = loss_terms(outputs, likelihood)
         with torch.enable_grad(), self.capture.fisher_pass(terms):
             loss = sampled_nll(outputs, likelihood, self._fisher_generator)
-            weights = list(dict.fromkeys(layer.weight for layer in self.layers))
-            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+            weights = list(dict.fromkeys(layer.weight for layer in self._active_layers()))
+            if weights:
+                torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
 
     def _new_fisher_generator(self, device: torch.device) -> torch.Generator:
         generator = torch.Generator(device=device)
@@ -390,7 +488,8 @@ class CurvatureOptimizer(Optimizer):
                 if isinstance(value, Tensor):
                     floating = value.is_floating_point()
                     state[key] = value.to(device=device, dtype=dtype if floating else None)
-        for p in self._fallback_params([q for g in self.param_groups for q in g["params"]]):
+        for p in [q for g in self.param_groups for q in g["params"]]:
+            # Every diagonal state, also of a bias whose block became active since.
             diagonal = cast(dict[Any, Any], self.state).get(f"diagonal:{self._name(p)}", {})
             for key, value in diagonal.items():
                 if isinstance(value, Tensor):
@@ -510,8 +609,14 @@ class CurvatureOptimizer(Optimizer):
             block_sq = torch.stack([grad_sq[p] for p in layer.params if p in grad_sq]).sum()
         return self.damping(self._group_of(layer.weight), block_sq, total_grad_sq)
 
+    def _active_layers(self) -> list[KroneckerLayer]:
+        """The blocks whose weight requires a gradient now (module docstring)."""
+        return [layer for layer in self.layers if layer.weight.requires_grad]
+
     def _fallback_params(self, grads: Iterable[Tensor]) -> list[Tensor]:
-        return [p for p in grads if p not in self._blocks_of]
+        """The parameters of ``grads`` that no active block reads (diagonal fallback)."""
+        kronecker = parameters_of(self._active_layers())
+        return [p for p in grads if p not in kronecker]
 
     def _update_diagonal(self, grads: dict[Tensor, Tensor], examples: int, finite: Tensor) -> None:
         """Diagonal Fisher of fallback parameters: ``v ← β v + (1 − β) n ḡ²``.
@@ -537,7 +642,7 @@ class CurvatureOptimizer(Optimizer):
         grads: dict[Tensor, Tensor] | None = None,
     ) -> dict[Tensor, Tensor]:
         directions: dict[Tensor, Tensor] = {}
-        for layer in self.layers:
+        for layer in self._active_layers():
             if not any(p in search for p in layer.params):
                 continue
             dtype = statistics_dtype(layer.weight)

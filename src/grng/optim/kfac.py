@@ -45,6 +45,7 @@ the exact form.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -61,8 +62,14 @@ from grng.linalg import (
     shifted_inverse_first_order,
     symmetrize,
 )
-from grng.optim.base import CurvatureOptimizer, running_average, sqrt_damping_split
+from grng.optim.base import (
+    CurvatureOptimizer,
+    ExcludeRule,
+    running_average,
+    sqrt_damping_split,
+)
 from grng.optim.options import (
+    DEFAULT_MAX_FACTOR_DIM,
     CurvatureOptions,
     DampingForm,
     DistributedMode,
@@ -77,16 +84,36 @@ class KFAC(CurvatureOptimizer):
     """K-FAC (Martens & Grosse 2015) as a ``torch.optim.Optimizer``.
 
     Args:
-        model: the network to optimize (all its trainable parameters).
+        model: the network to optimize: every parameter, frozen ones included, which
+            train with their curvature once unfrozen (built after the first forward
+            pass if it has lazy modules; see :class:`grng.CurvatureOptimizer`).
         lr: learning rate η.
-        damping: Tikhonov damping λ (> 0).
+        damping: Tikhonov damping λ (> 0). A Kronecker block uses its weight's
+            group's damping, also for a bias in another group.
         momentum: heavy-ball momentum μ on the preconditioned direction.
         weight_decay: decoupled weight decay (AdamW-style).
+        exclude: module names, module types or predicates ``(name, module) -> bool``
+            (one or a list) whose modules, with their descendants, get the diagonal
+            fallback instead of Kronecker curvature; an unknown name raises ValueError.
+        param_groups: ``[{"params": [names or Parameters], <hyperparameters>}, ...]``
+            with any of ``lr``, ``damping``, ``momentum``, ``weight_decay`` (and
+            ``rho`` for RING/RENG) per group; unlisted parameters form the default
+            group, first. E.g. no weight decay on biases and norm weights::
+
+                no_decay = [n for n, p in model.named_parameters() if p.dim() < 2]
+                KFAC(model, weight_decay=0.1,
+                     param_groups=[{"params": no_decay, "weight_decay": 0.0}])
+
+        max_factor_dim: a factor side wider than this is kept diagonal, trading that
+            side's cross-coordinate curvature for an ``O(d³)`` refresh (default 4096,
+            ``None``: no cap; see :class:`grng.optim.CurvatureOptions`).
         factor_update_freq, inverse_update_freq, factor_decay, fisher, inverse,
         kl_clip, nonfinite, inverse_tol, distributed, damping_form, loss_reduction:
             see :class:`grng.optim.CurvatureOptions` (``distributed="auto"`` shards
             the refreshes across ranks when a process group is initialised;
             ``damping_form="exact"`` needs ``inverse="eigh"``).
+
+    ``optimizer.coverage()`` lists which curvature each parameter gets.
     """
 
     def __init__(
@@ -108,6 +135,9 @@ class KFAC(CurvatureOptimizer):
         distributed: DistributedMode | None = "auto",
         damping_form: DampingForm = "factored",
         loss_reduction: LossReduction = "mean",
+        exclude: ExcludeRule | Iterable[ExcludeRule] | None = None,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
         **extra_defaults: Any,
     ) -> None:
         options = CurvatureOptions(
@@ -122,11 +152,12 @@ class KFAC(CurvatureOptimizer):
             distributed=distributed,
             damping_form=damping_form,
             loss_reduction=loss_reduction,
+            max_factor_dim=max_factor_dim,
         )
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, **extra_defaults
         )
-        super().__init__(model, defaults, options)
+        super().__init__(model, defaults, options, exclude=exclude, param_groups=param_groups)
 
     # ------------------------------------------------------------- factors
     def _update_curvature(self, estimates: dict[str, FactorEstimate], finite: Tensor) -> None:

@@ -90,18 +90,18 @@ lengthens the step. Then KL clip, momentum and weight decay as in the base.
 from __future__ import annotations
 
 import math
-import os
-import sys
-import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from grng._warnings import warn
 from grng.curvature import FactorEstimate, KroneckerLayer
 from grng.linalg import kronecker_solve_inverse, pi_correction, symmetrize
-from grng.optim.base import Closure, CurvatureOptimizer, sqrt_damping_split
+from grng.optim.base import Closure, CurvatureOptimizer, ExcludeRule, sqrt_damping_split
 from grng.optim.options import (
+    DEFAULT_MAX_FACTOR_DIM,
     CurvatureOptions,
     FisherType,
     LossReduction,
@@ -148,17 +148,6 @@ def absorb_coordinates(covariance: Tensor, index: Tensor, information: Tensor) -
     return _downdate(covariance, pu, pu.index_select(0, index), 1 / information, 1.0)
 
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside grng
-    and torch (the user's ``optimizer.step()``), from the function that warns."""
-    grng_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    inside = (grng_dir + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def floor_schedule(dim: int, columns: int, decay: float) -> tuple[int, float, float]:
     """``(L, c/λ_f, Λ_0/λ_f)`` of the rotating floor: ``L = ⌈d/m⌉`` updates per cycle,
     information ``c = λ_f (1 − β^L)/β^{L−1}`` per coordinate absorbed, prior
@@ -194,6 +183,8 @@ class RKalman(CurvatureOptimizer):
         floor_columns: m, coordinates of the floor absorbed per update (≤ k
             keeps every solve innovation-sized); default k.
         seed: seeds which rows are kept.
+        exclude, param_groups, max_factor_dim: as for :class:`grng.KFAC` (groups may
+            set ``rho`` too; a diagonal side keeps the diagonal of its covariance).
         factor_update_freq, factor_decay, fisher, kl_clip, nonfinite,
         loss_reduction: see :class:`grng.optim.CurvatureOptions` (no inverses
             are refreshed).
@@ -220,6 +211,9 @@ class RKalman(CurvatureOptimizer):
         kl_clip: float | None = 1e-3,
         nonfinite: NonfinitePolicy = "skip",
         loss_reduction: LossReduction = "mean",
+        exclude: ExcludeRule | Iterable[ExcludeRule] | None = None,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
     ) -> None:
         options = CurvatureOptions(
             factor_update_freq=factor_update_freq,
@@ -228,6 +222,7 @@ class RKalman(CurvatureOptimizer):
             kl_clip=kl_clip,
             nonfinite=nonfinite,
             loss_reduction=loss_reduction,
+            max_factor_dim=max_factor_dim,
         )
         if forgetting and factor_decay == 0.0:
             raise ValueError("factor_decay must be in (0, 1) with forgetting=True, got 0.0")
@@ -240,7 +235,7 @@ class RKalman(CurvatureOptimizer):
         defaults = dict(
             lr=lr, rho=rho, damping=damping, momentum=momentum, weight_decay=weight_decay
         )
-        super().__init__(model, defaults, options)
+        super().__init__(model, defaults, options, exclude=exclude, param_groups=param_groups)
         self.capture.keep_rows = self.rows_per_update
         self._warned_damping = False
         self._seed_rows()
@@ -327,14 +322,13 @@ class RKalman(CurvatureOptimizer):
             prior = state.setdefault("prior_damping", damping)
             if damping != prior and not self._warned_damping:
                 self._warned_damping = True
-                warnings.warn(
+                warn(
                     f"RKalman(forgetting=False): damping of layer {layer.name!r} changed from "
                     f"{prior:g} to {damping:g}, which has no effect: accumulation keeps the "
                     "prior λ_f I of its first update and never forgets it. Use "
                     "forgetting=True (its floor follows the damping) or a new optimizer. "
                     "Warning once.",
                     RuntimeWarning,
-                    stacklevel=_caller_stacklevel(),
                 )
             return
         pi = state["pi"]
