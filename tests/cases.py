@@ -442,6 +442,27 @@ def gpt2(*, seed: int = 0, vocab: int = 16, length: int = 12, hidden: int = 16) 
     return transformers.GPT2LMHeadModel(config)  # type: ignore[no-any-return]
 
 
+def bert_classifier(*, seed: int = 0, vocab: int = 100, hidden: int = 64) -> nn.Module:
+    """A 2-layer ``BertForSequenceClassification`` (4 labels, eager attention, the
+    library's dropout defaults): the model on which grng's 0.1 defaults diverged."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=4 * hidden, max_position_embeddings=32, num_labels=4,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(config)  # type: ignore[no-any-return]
+
+
+def classification_tokens(
+    seed: Seed, n: int = 32, *, length: int = 24, vocab: int = 100
+) -> tuple[Tensor, Tensor]:
+    """``(n, length)`` uniform tokens labelled by their first token mod 4."""
+    x = torch.randint(0, vocab, (n, length), generator=_generator(seed))
+    return x, x[:, 0] % 4
+
+
 @dataclass(frozen=True)
 class ModelCase:
     """Real model code and a small learnable task for it: ``build(seed)`` makes the
@@ -473,6 +494,7 @@ _MODELS = (
     ModelCase("LSTM-LM", lambda seed: lstm_lm(seed=seed), token_batch),
     ModelCase("BERT", lambda seed: bert(seed=seed), token_batch),
     ModelCase("GPT-2", lambda seed: gpt2(seed=seed), token_batch),
+    ModelCase("BERT-classifier", lambda seed: bert_classifier(seed=seed), classification_tokens),
 )
 #: name -> model case (the transformers ones skip when it is not installed).
 MODELS: dict[str, ModelCase] = {case.name: case for case in _MODELS}

@@ -324,6 +324,33 @@ class CurvatureOptimizer(Optimizer):
             if weights:
                 torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
 
+    #: Whether :meth:`_warn_if_fisher_missing` has warned (once per optimizer).
+    _warned_missing_fisher: bool = False
+
+    def _warn_if_fisher_missing(
+        self, grads: dict[Tensor, Tensor], estimates: dict[str, FactorEstimate]
+    ) -> None:
+        """Warn once when a ``fisher="mc"`` capture step found no Monte-Carlo statistics.
+
+        Only ``backward_fisher`` feeds the factors in that mode; without it the step
+        runs on the damping and the diagonal fallback alone. Python-side checks only
+        (no host synchronisation).
+        """
+        if self.options.fisher != "mc" or estimates or self._warned_missing_fisher:
+            return
+        if not any(layer.weight in grads for layer in self._active_layers()):
+            return  # no Kronecker block had a gradient: nothing was missed
+        self._warned_missing_fisher = True
+        warn(
+            f"{type(self).__name__}(fisher='mc'): this capture step found no Monte-Carlo "
+            "Fisher statistics, so no Kronecker factor was updated (the step used only the "
+            "damping and the diagonal fallback). Call optimizer.backward_fisher(logits) "
+            "after the forward pass and before loss.backward() (and after "
+            "optimizer.zero_grad(), which discards captured statistics), or use "
+            "fisher='empirical'. Warning once.",
+            RuntimeWarning,
+        )
+
     def _new_fisher_generator(self, device: torch.device) -> torch.Generator:
         generator = torch.Generator(device=device)
         saved = self.counters.get("fisher_rng_state")
@@ -375,6 +402,8 @@ class CurvatureOptimizer(Optimizer):
         estimates = self.capture.estimates() if capturing else {}
         examples = self.capture.examples if capturing else 0
         empty_batch = self.capture.only_empty_batches  # an empty batch has no statistics
+        if capturing and not empty_batch:
+            self._warn_if_fisher_missing(grads, estimates)
         self.capture.clear()
         if estimates and self.grad_scaler is not None and self.options.fisher == "empirical":
             # Only the training loss is scaled; backward_fisher's sampled loss is not.

@@ -13,7 +13,11 @@ every second-order or perturbed pass runs inside ``capture.paused()``.
 The Hessian-gradient product ``H∇L = ∇(½‖∇L‖²)`` is computed one of two ways:
 
 * ``hvp="exact"``: double backpropagation through the gradient's graph, built
-  by ``loss.backward(create_graph=True)``.
+  by :meth:`RENG.backward` (``optimizer.backward(loss)``) or
+  ``loss.backward(create_graph=True)``. Both leave each parameter's ``.grad``
+  holding a graph that references the parameter (torch's ``backward`` warns
+  about that reference cycle); :meth:`RENG.step` replaces every ``.grad`` by its
+  detached value, which breaks the cycle and frees the graph.
 * ``hvp="finite_difference"``: ``H∇L ≈ (∇L(θ + εĝ) − ∇L(θ)) · ‖∇L‖/ε`` with
   ``ĝ = ∇L/‖∇L‖``: one more forward and backward through the closure, no
   second-order graph. ``ε = √eps · (1 + ‖θ‖)`` with ``eps`` the machine epsilon
@@ -51,8 +55,8 @@ from grng.optim.options import check_choice
 HvpMethod = Literal["exact", "finite_difference"]
 
 _NO_GRAPH = (
-    "RENG(hvp='exact') needs the gradient's autograd graph: call "
-    "loss.backward(create_graph=True) before optimizer.step(), or pass a closure that does; "
+    "RENG(hvp='exact') needs the gradient's autograd graph: call optimizer.backward(loss) "
+    "(or loss.backward(create_graph=True)) before optimizer.step(), or pass a closure that does; "
     "or use RENG(..., hvp='finite_difference') with optimizer.step(closure). "
     "No parameter or state was changed."
 )
@@ -60,6 +64,15 @@ _NO_CLOSURE = (
     "RENG(hvp='finite_difference') re-evaluates the loss at a perturbed point: call "
     "optimizer.step(closure) with a closure that zeroes the gradients, computes the loss, "
     "calls loss.backward() and returns the loss. No parameter or state was changed."
+)
+_CLOSURE_BACKWARD = {
+    "exact": "call optimizer.backward(loss) (or loss.backward(create_graph=True))",
+    "finite_difference": "call loss.backward()",
+}
+_NO_GRADIENT = (
+    "RENG(hvp={hvp!r}): {when}, no parameter has a gradient: the closure passed to "
+    "optimizer.step(closure) must zero the gradients (optimizer.zero_grad()), compute the "
+    "loss, {backward} and return the loss. No parameter or state was changed."
 )
 
 
@@ -140,19 +153,25 @@ class RENG(KFAC):
 
     Training loops::
 
-        # exact (default): a second-order graph, then an ordinary step
+        # exact (default): the gradients with their graph, then an ordinary step
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
-        loss.backward(create_graph=True)
+        optimizer.backward(loss)
         optimizer.step()
 
-        # finite differences (or exact, with create_graph=True inside): a closure
+        # finite differences (or exact, with optimizer.backward(loss) inside): a closure
         def closure():
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
         optimizer.step(closure)
+
+    ``optimizer.backward(loss)`` is ``loss.backward(create_graph=True)`` without
+    torch's warning about a reference cycle between a parameter and its gradient:
+    that cycle is real while ``.grad`` holds the graph, and :meth:`step` breaks it.
+    ``loss.backward(create_graph=True)`` still works (and warns). A closure that
+    leaves no gradient raises a RuntimeError naming the fix.
 
     Under DistributedDataParallel use ``hvp="finite_difference"``: DDP averages
     both of its backward passes, whereas it does not synchronise second-order
@@ -204,19 +223,64 @@ class RENG(KFAC):
         #: by the finite-difference pass; None outside :meth:`step`.
         self._closure_rng: _RngState | None = None
 
+    def backward(self, loss: Tensor) -> None:
+        """The gradients for :meth:`step`: ``loss.backward(create_graph=True)``, without the warning.
+
+        With ``hvp="exact"`` it computes the trainable parameters' gradients with
+        ``torch.autograd.grad(loss, params, create_graph=True)`` and adds them to
+        ``.grad`` as ``backward`` does (gradient accumulation works). torch's
+        ``loss.backward(create_graph=True)`` warns that each parameter and its
+        gradient then keep each other alive; :meth:`step` ends that by replacing
+        ``.grad`` with its detached value, so in this loop the warning is noise.
+        The statistics are captured as with ``loss.backward()``. With
+        ``hvp="finite_difference"`` (no graph needed) it is ``loss.backward()``.
+        Unlike ``loss.backward()``, it runs no post-accumulate-grad hooks.
+        """
+        if self.hvp != "exact":
+            loss.backward()
+            return
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
     def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
         """One optimization step; with finite differences the closure's randomness is replayed.
 
         The base step calls the closure first: the RNG state taken here is the one
         that call starts from, so the perturbed pass can draw the same dropout masks.
+        A closure after whose first call no parameter has a gradient raises a
+        RuntimeError before anything changes (the base step would silently do nothing).
         """
-        if closure is None or self.hvp != "finite_difference":
-            return super().step(closure)
+        if closure is None:
+            return super().step()
+        first_call = True
+
+        def checked_closure() -> Tensor:
+            nonlocal first_call
+            loss = closure()
+            if first_call and not self._any_gradient():
+                raise RuntimeError(self._no_gradient_message("after the closure ran"))
+            first_call = False
+            return loss
+
+        if self.hvp != "finite_difference":
+            return super().step(checked_closure)
         self._closure_rng = _RngState.now()
         try:
-            return super().step(closure)
+            return super().step(checked_closure)
         finally:
             self._closure_rng = None
+
+    def _any_gradient(self, params: Iterable[Tensor] | None = None) -> bool:
+        if params is None:
+            params = (p for group in self.param_groups for p in group["params"])
+        return any(p.grad is not None for p in params)
+
+    def _no_gradient_message(self, when: str) -> str:
+        return _NO_GRADIENT.format(hvp=self.hvp, when=when, backward=_CLOSURE_BACKWARD[self.hvp])
 
     def _search_gradients(
         self, grads: dict[Tensor, Tensor], closure: Closure | None
@@ -340,6 +404,14 @@ class RENG(KFAC):
                 self._closure_rng.restore()
             with torch.enable_grad(), self.capture.paused():
                 closure()
+            if not self._any_gradient(params):
+                # Zeros would turn H∇L into −∇L·‖∇L‖/ε, a huge step the wrong way.
+                raise RuntimeError(
+                    self._no_gradient_message(
+                        "after the closure's second (perturbed) call, which must "
+                        "back-propagate as the first did"
+                    )
+                )
             perturbed = [
                 p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                 for p in params
