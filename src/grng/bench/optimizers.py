@@ -13,12 +13,12 @@ name           lr       where it comes from
 =============  =======  ==============================================================
 sgd            0.1      momentum 0.9; the usual CIFAR/ResNet rate (torch has no default)
 adamw          1e-3     ``torch.optim.AdamW`` default (weight decay 0.01, its default)
-kfac           0.05     ``grng.KFAC`` default
-ring           0.05     ``grng.RING`` default, with its default ``damping_form`` ("exact")
-ring-factored  0.05     ``grng.RING`` default, ``damping_form="factored"``: K-FAC's split
+kfac           0.03     ``grng.KFAC`` default
+ring           0.1      ``grng.RING`` default, with its default ``damping_form`` ("exact")
+ring-factored  0.1      ``grng.RING`` default, ``damping_form="factored"``: K-FAC's split
                         damping (G + √γ/π I)⁻¹ ⊗ (A + π√γ I)⁻¹, RING's old behaviour
-reng           0.05     ``grng.RENG`` default (read from its signature when present)
-rkalman        0.05     ``grng.RKalman`` default
+reng           0.1      ``grng.RENG`` default (read from its signature when present)
+rkalman        0.3      ``grng.RKalman`` default
 sophia         3e-4     SophiaG's signature default is 1e-4 (GPT-2 scale); its update is
                         clipped to ``lr`` per coordinate (an Adam-like scale), so we centre
                         on AdamW's 1e-3 / 3. Hessian refresh every 10 steps as documented.
