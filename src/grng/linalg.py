@@ -24,6 +24,7 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -544,17 +545,12 @@ def kronecker_solve_eigh(
     Returns:
         A tensor of ``V``'s shape and dtype, computed in at least float32.
     """
-    g, q_g = gradient_eig
-    a, q_a = activation_eig
-    _check_kronecker_shapes(gradient_matrix, g.shape[-1], a.shape[-1])
-    dtype = _accumulation_dtype(gradient_matrix.dtype, g.dtype, a.dtype)
-    q_g = None if q_g is None else q_g.to(dtype)
-    q_a = None if q_a is None else q_a.to(dtype)
-    rotated = _rotate(gradient_matrix.to(dtype), q_g, q_a)
-    scale = (g.to(dtype) + gradient_damping)[..., :, None] * (a.to(dtype) + activation_damping)[
-        ..., None, :
-    ]
-    return _rotate(rotated / scale, q_g, q_a, back=True).to(gradient_matrix.dtype)
+    return _eigenbasis_solve(
+        gradient_matrix,
+        gradient_eig,
+        activation_eig,
+        lambda g, a: (g + gradient_damping)[..., :, None] * (a + activation_damping)[..., None, :],
+    )
 
 
 def kronecker_tikhonov_solve_eigh(
@@ -584,6 +580,21 @@ def kronecker_tikhonov_solve_eigh(
     Returns:
         A tensor of ``V``'s shape and dtype, computed in at least float32.
     """
+    return _eigenbasis_solve(
+        gradient_matrix,
+        gradient_eig,
+        activation_eig,
+        lambda g, a: g[..., :, None] * a[..., None, :] + damping,
+    )
+
+
+def _eigenbasis_solve(
+    gradient_matrix: Tensor,
+    gradient_eig: tuple[Tensor, Tensor | None],
+    activation_eig: tuple[Tensor, Tensor | None],
+    spectrum: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """``Q_G [(Q_Gᵀ V Q_A) ⊘ spectrum(g, a)] Q_Aᵀ`` in at least float32, back in V's dtype."""
     g, q_g = gradient_eig
     a, q_a = activation_eig
     _check_kronecker_shapes(gradient_matrix, g.shape[-1], a.shape[-1])
@@ -591,8 +602,8 @@ def kronecker_tikhonov_solve_eigh(
     q_g = None if q_g is None else q_g.to(dtype)
     q_a = None if q_a is None else q_a.to(dtype)
     rotated = _rotate(gradient_matrix.to(dtype), q_g, q_a)
-    eigenvalues = g.to(dtype)[..., :, None] * a.to(dtype)[..., None, :] + damping
-    return _rotate(rotated / eigenvalues, q_g, q_a, back=True).to(gradient_matrix.dtype)
+    divisor = spectrum(g.to(dtype), a.to(dtype))
+    return _rotate(rotated / divisor, q_g, q_a, back=True).to(gradient_matrix.dtype)
 
 
 def _left(inverse: Tensor, matrix: Tensor) -> Tensor:
