@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,47 @@ def _model(width: int = 16) -> nn.Module:
     ).double()
 
 
+class _TokenModel(nn.Module):
+    """Embedding (a diagonal token factor), attention (q/k/v row blocks and out_proj captured
+    inside the attention call) and a Linear head: the blocks that are not plain layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+def _token_model() -> nn.Module:
+    torch.manual_seed(0)
+    return _TokenModel().double()
+
+
+def _token_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(STEPS):
+        tokens = torch.randint(0, 20, (GLOBAL_BATCH, 6), generator=generator)
+        out.append((tokens, tokens[:, 0] % 3))
+    return out
+
+
+#: label -> (class, keyword arguments) for the token model (R-Kalman keeps every row, so
+#: 2 ranks keep what 1 process keeps).
+TOKEN_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "KFAC": ("KFAC", {**COMMON, "distributed": "shard"}),
+    "RING": ("RING", {**COMMON, "rho": 0.1, "distributed": "shard"}),
+    "RKalman": (
+        "RKalman",
+        {k: v for k, v in COMMON.items() if k != "inverse_update_freq"} | {"rows_per_update": 256},
+    ),
+}
+
+
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [
@@ -141,6 +182,20 @@ class _Counter:
         setter(kfac.KFAC, "_refresh_curvature", refresh_wrapper)
         setter(kfac, "eigh_factor", counted(eigh))
         setter(kfac, "damped_inverse", counted(inverse))
+
+
+def _train_tokens(
+    optimizer: torch.optim.Optimizer, forward: Callable[[torch.Tensor], torch.Tensor], rows: slice
+) -> None:
+    for x, y in _token_batches():
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(forward(x[rows]), y[rows])
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)  # type: ignore[arg-type]
 
 
 def _train(
@@ -205,6 +260,12 @@ def _scenario_train(rank: int) -> dict[Any, Any]:
             "on_wrapper": on_wrapper,
             "nonfinite": optimizer.nonfinite_steps,
         }
+    for label, (cls, kwargs) in TOKEN_CONFIGS.items():
+        model = _token_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = getattr(grng, cls)(ddp, **kwargs)
+        _train_tokens(optimizer, ddp, rows)
+        out[("tokens", label)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # MC Fisher under DDP: backward_fisher's extra backward must not upset DDP.
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -298,6 +359,29 @@ def reference() -> Iterator[dict[str, dict[str, Any]]]:
 
 
 # ----------------------------------------------------------------------- tests
+@pytest.mark.parametrize("label", list(TOKEN_CONFIGS))
+def test_attention_and_embedding_blocks_match_one_process(
+    trained: list[dict[Any, Any]], label: str
+) -> None:
+    """Diagonal token factors and attention's row blocks reduce and shard like any block:
+    2 ranks × half a batch == 1 process × the whole batch, after 20 steps."""
+    cls, kwargs = TOKEN_CONFIGS[label]
+    model = _token_model()
+    single = {k: v for k, v in kwargs.items() if k != "distributed"}
+    if "distributed" in kwargs:
+        single["distributed"] = None
+    _train_tokens(getattr(grng, cls)(model, **single), model, slice(None))
+    for rank, result in enumerate(trained):
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(
+                result[("tokens", label)][name],
+                value,
+                rtol=0,
+                atol=1e-5,
+                msg=f"rank {rank}: {name}",
+            )
+
+
 @pytest.mark.parametrize(("label", "mode"), CASES)
 def test_two_ranks_match_one_process(
     trained: list[dict[Any, Any]], reference: dict[str, dict[str, Any]], label: str, mode: str

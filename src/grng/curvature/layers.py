@@ -120,10 +120,6 @@ class KroneckerLayer:
     def params(self) -> list[Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.module, (nn.Conv1d, nn.Conv2d))
-
     def gradient_matrix(self, grads: Mapping[Tensor, Tensor]) -> Tensor:
         """The block's part of ``grads`` (a gradient per parameter) as ``V``, ``(d_G, d_A)``."""
         return self._adapter.gradient_matrix(self, grads)
