@@ -375,3 +375,29 @@ def test_lazy_module_is_refused_until_its_first_forward() -> None:
     model(torch.randn(3, 7))
     optimizer = grng.KFAC(model)
     assert optimizer.layers[0].activation_dim == 8
+
+
+def test_frozen_bias_is_left_out_before_the_size_cap_decides() -> None:
+    """Regression: the cap saw the bias column of a bias frozen at construction (d_A 9 > 8)
+    and made the side diagonal, although the block's d_A is 8; coverage then called the
+    unfrozen bias 'no adapter for Linear'."""
+    model = nn.Linear(8, 3)
+    model.bias.requires_grad_(False)
+    optimizer = grng.KFAC(model, max_factor_dim=8)
+    (layer,) = optimizer.layers
+    assert layer.bias is None and layer.activation_dim == 8 and not layer.activation_diagonal
+    model.bias.requires_grad_(True)
+    entry = optimizer.coverage()["bias"]
+    assert entry.kind == "diagonal" and "frozen at construction" in entry.note
+
+
+def test_skipped_step_warning_points_at_the_callers_line() -> None:
+    model = nn.Linear(4, 2)
+    optimizer = grng.KFAC(model)
+    model(torch.randn(3, 4)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step()
+    (warning,) = [w for w in caught if "skipped a step" in str(w.message)]
+    assert warning.filename == __file__

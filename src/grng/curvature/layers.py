@@ -353,7 +353,13 @@ def find_kronecker_layers(
                 )
             if block.weight not in trainable or owner is not None:
                 continue
-            if block.bias is not None and (block.bias not in trainable or block.bias in claimed):
+            # A bias that is frozen while its weight trains, or claimed already, stays out
+            # of the block (no bias column; it gets the diagonal fallback if it ever trains).
+            if block.bias is not None and (
+                block.bias not in trainable
+                or block.bias in claimed
+                or (block.weight.requires_grad and not block.bias.requires_grad)
+            ):
                 block.bias, block.bias_rows = None, None
             if max_factor_dim is not None:
                 block.activation_diagonal |= block.activation_dim > max_factor_dim

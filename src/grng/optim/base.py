@@ -66,7 +66,6 @@ and curvature is kept in float32 even for half-precision models.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
@@ -77,7 +76,7 @@ from torch.optim import Optimizer
 
 from grng._warnings import warn
 from grng.curvature import CurvatureCapture, FactorEstimate, KroneckerLayer, find_kronecker_layers
-from grng.curvature.fisher import Likelihood, sampled_nll
+from grng.curvature.fisher import Likelihood, loss_terms, sampled_nll
 from grng.curvature.layers import parameters_of
 from grng.distributed import (
     CurvatureShard,
@@ -176,13 +175,6 @@ class CurvatureOptimizer(Optimizer):
         )
         inner, path = unwrap_model(model)
         for layer in self.layers:
-            if (
-                layer.bias is not None
-                and layer.weight.requires_grad
-                and not layer.bias.requires_grad
-            ):
-                # A bias frozen while its weight trains stays out of the block (no bias column).
-                layer.bias, layer.bias_rows = None, None
             if layer.module is inner and inner is not model:
                 # The wrapped model is itself a block: named by its type, as when unwrapped.
                 layer.name = type(inner).__name__ + layer.name[len(path) :]
@@ -315,7 +307,6 @@ class CurvatureOptimizer(Optimizer):
             return
         if self._fisher_generator is None or self._fisher_generator.device != outputs.device:
             self._fisher_generator = self._new_fisher_generator(outputs.device)
-        from grng.curvature.fisher import loss_terms
 
         terms = loss_terms(outputs, likelihood)
         with torch.enable_grad(), self.capture.fisher_pass(terms):
@@ -548,12 +539,11 @@ class CurvatureOptimizer(Optimizer):
         estimates: dict[str, FactorEstimate],
     ) -> Tensor:
         checks = list(grad_sq.values())
-        if search is not None:
-            checks += [
-                d.detach().to(statistics_dtype(d)).pow(2).sum()
-                for p, d in search.items()
-                if d is not p.grad
-            ]
+        checks += [
+            d.detach().to(statistics_dtype(d)).pow(2).sum()
+            for p, d in search.items()
+            if d is not p.grad
+        ]
         for e in estimates.values():
             checks += [_trace(e.activation_factor), _trace(e.gradient_factor)]
         return torch.isfinite(torch.stack(checks).sum())
@@ -566,12 +556,11 @@ class CurvatureOptimizer(Optimizer):
         skipped = self.nonfinite_steps
         if skipped > self._warned_nonfinite:
             if self._warned_nonfinite == 0:
-                warnings.warn(
+                warn(
                     f"{type(self).__name__}: skipped a step with non-finite gradients or curvature "
                     "statistics (parameters, curvature and momentum left unchanged); "
                     "see optimizer.nonfinite_steps. Warning once.",
                     RuntimeWarning,
-                    stacklevel=3,
                 )
             self._warned_nonfinite = skipped
 

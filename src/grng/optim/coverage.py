@@ -184,6 +184,8 @@ def coverage_of(optimizer: CurvatureOptimizer) -> Coverage:
                 note = "its block's weight is frozen"
             elif owner[p] in optimizer.excluded_modules:
                 note = "excluded"
+            elif any(layer.module is owner[p] for layer in optimizer.layers):
+                note = "bias frozen at construction (diagonal fallback)"
             else:
                 note = f"no adapter for {type(owner[p]).__name__}"
         else:

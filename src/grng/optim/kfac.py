@@ -87,9 +87,9 @@ class KFAC(CurvatureOptimizer):
         model: the network to optimize: every parameter, frozen ones included, which
             train with their curvature once unfrozen (built after the first forward
             pass if it has lazy modules; see :class:`grng.CurvatureOptimizer`).
-        lr: learning rate η (default 0.03, damping 0.1). The defaults of lr and damping were chosen across tasks (a
-            BERT classifier, mnist1d, a ResNet, GPT-2, an LSTM) by the sweep in
-            ``docs/tuning.md``; see there for when to change them.
+        lr: learning rate η (default 0.03, damping 0.1). The defaults of lr and damping were
+            chosen across tasks (a BERT classifier, mnist1d, a ResNet, GPT-2, an LSTM) by
+            the sweep in ``docs/tuning.md``; see there for when to change them.
         damping: Tikhonov damping λ (> 0). A Kronecker block uses its weight's
             group's damping, also for a bias in another group.
         momentum: heavy-ball momentum μ on the preconditioned direction.
@@ -113,7 +113,8 @@ class KFAC(CurvatureOptimizer):
         kl_clip, nonfinite, inverse_tol, distributed, damping_form, loss_reduction:
             see :class:`grng.optim.CurvatureOptions` (``distributed="auto"`` shards
             the refreshes across ranks when a process group is initialised;
-            ``damping_form="exact"`` needs ``inverse="eigh"``).
+            ``damping_form="exact"`` needs ``inverse="eigh"``). KFAC's and RENG's
+            ``inverse`` default is ``"newton_schulz"``, RING's ``"eigh"``.
 
     ``optimizer.coverage()`` lists which curvature each parameter gets.
     """

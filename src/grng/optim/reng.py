@@ -185,9 +185,9 @@ class RENG(KFAC):
 
     Args:
         model: the network to optimize.
-        lr: learning rate η (default 0.1, damping 1). The defaults of lr and damping were chosen across tasks (a
-            BERT classifier, mnist1d, a ResNet, GPT-2, an LSTM) by the sweep in
-            ``docs/tuning.md``; see there for when to change them.
+        lr: learning rate η (default 0.1, damping 1). The defaults of lr and damping were
+            chosen across tasks (a BERT classifier, mnist1d, a ResNet, GPT-2, an LSTM) by
+            the sweep in ``docs/tuning.md``; see there for when to change them.
         rho: gradient-regularization strength ρ ≥ 0 (ρ = 0 is K-FAC; no
             second-order work is done then). Since ``∇L + ρH∇L = ∇L(θ + ρ∇L) + O(ρ²)``,
             ρ is the length of a SAM-like ascent step ``θ + ρ∇L`` whose gradient is

@@ -37,17 +37,18 @@ class RING(KFAC):
 
     Args:
         model: the network to optimize.
-        lr: learning rate η (default 0.1, damping 1: the exact form damps less
-            than K-FAC's factored one at the same λ). The defaults of lr and damping were chosen across tasks (a
-            BERT classifier, mnist1d, a ResNet, GPT-2, an LSTM) by the sweep in
+        lr: learning rate η (default 0.1, damping 1: the exact form damps less than K-FAC's
+            factored one at the same λ). The defaults of lr and damping were chosen across
+            tasks (a BERT classifier, mnist1d, a ResNet, GPT-2, an LSTM) by the sweep in
             ``docs/tuning.md``; see there for when to change them.
         rho: gradient-regularization strength ρ ≥ 0 (ρ = 0 is K-FAC).
         damping: base damping λ > 0.
         grad_norm: ``"global"`` or ``"layer"`` gradient norm in γ_t.
+        inverse: ``"eigh"`` (default) or ``"newton_schulz"``.
         damping_form: ``"exact"`` (default) or ``"factored"`` (see the module
             docstring); ``inverse="newton_schulz"`` needs ``"factored"``.
         **kwargs: as for :class:`grng.KFAC` (momentum, weight_decay,
-            factor_update_freq, inverse_update_freq, inverse, kl_clip, ...).
+            factor_update_freq, inverse_update_freq, kl_clip, ...).
     """
 
     adaptive_damping = True

@@ -162,8 +162,8 @@ class RKalman(CurvatureOptimizer):
 
     Args:
         model: the network to optimize.
-        lr: learning rate η (default 0.3, damping 0.1, factor_update_freq 1: one
-            Kalman update per step). The defaults of lr and damping were chosen across tasks (a
+        lr: learning rate η (default 0.3, damping 0.1, factor_update_freq 1: one Kalman
+            update per step). The defaults of lr and damping were chosen across tasks (a
             BERT classifier, mnist1d, a ResNet, GPT-2, an LSTM) by the sweep in
             ``docs/tuning.md``; see there for when to change them.
         rho: gradient-regularization strength ρ ≥ 0 (ρ = 0: α = 1).
@@ -174,7 +174,7 @@ class RKalman(CurvatureOptimizer):
             (``λ_A/c_t … λ_A/(c_t β^{L−1})``), the product by ``λ/c_t²``:
             400 λ at the first update for β = 0.95, 2.43 λ at the 20th,
             within 10% of λ after 60. Read at every update: with forgetting a
-            change moves the absorbed floor at once, reaches every coordinate
+            change is what the next absorbed coordinates receive, reaches every coordinate
             within one cycle of ``L`` updates and replaces the old floor at the
             forgetting rate ``β^n``; with ``forgetting=False`` it has no effect
             (warned once).
