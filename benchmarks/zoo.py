@@ -28,7 +28,7 @@ import torch
 import grng
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.cases import MODELS, ModelCase  # noqa: E402
+from tests.cases import MODELS, ModelCase
 
 #: name -> (builder, needs a closure). RENG runs finite differences: it works on every model.
 OPTIMIZERS: dict[str, Any] = {
@@ -40,9 +40,7 @@ OPTIMIZERS: dict[str, Any] = {
 }
 
 
-def train(
-    case: ModelCase, name: str, steps: int, seed: int = 0, **hyper: Any
-) -> dict[str, Any]:
+def train(case: ModelCase, name: str, steps: int, seed: int = 0, **hyper: Any) -> dict[str, Any]:
     """Train ``case``'s model with optimizer ``name``; the run's record."""
     model = case.build(seed)
     with warnings.catch_warnings():

@@ -291,7 +291,7 @@ class DataParallel:
         """
         by_dtype: dict[torch.dtype, list[KroneckerLayer]] = {}
         for layer in layers:
-            dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+            dtype = layer.statistics_dtype
             by_dtype.setdefault(dtype, []).append(layer)
         reduced: dict[str, FactorEstimate] = {}
         if not by_dtype:  # only diagonal-fallback parameters: just the example count

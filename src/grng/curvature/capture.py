@@ -195,7 +195,7 @@ class CurvatureCapture:
         """Pair one call's input with its output gradient (adapters call this).
 
         A block whose weight does not require a gradient (frozen) is not recorded."""
-        if not self.recording() or not output.requires_grad or not layer.weight.requires_grad:
+        if not self.recording() or not output.requires_grad or not layer.active:
             return
         activation = inputs.detach()
 
@@ -211,7 +211,7 @@ class CurvatureCapture:
     def _accumulate(
         self, layer: KroneckerLayer, module: nn.Module, activation: Tensor, grad_output: Tensor
     ) -> None:
-        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        dtype = layer.statistics_dtype
         if activation.numel() == 0:
             return  # an empty batch carries no statistics (and would make A = 0/0)
         adapter = layer.adapter

@@ -117,6 +117,16 @@ class KroneckerLayer:
         return (d,) if self.gradient_diagonal else (d, d)
 
     @property
+    def active(self) -> bool:
+        """Whether the block is captured and preconditions now: its weight requires grad."""
+        return self.weight.requires_grad
+
+    @property
+    def statistics_dtype(self) -> torch.dtype:
+        """Curvature is kept in float32, or float64 for a float64 weight."""
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    @property
     def params(self) -> list[Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 

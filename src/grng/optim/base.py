@@ -629,7 +629,7 @@ class CurvatureOptimizer(Optimizer):
 
     def _active_layers(self) -> list[KroneckerLayer]:
         """The blocks whose weight requires a gradient now (module docstring)."""
-        return [layer for layer in self.layers if layer.weight.requires_grad]
+        return [layer for layer in self.layers if layer.active]
 
     def _fallback_params(self, grads: Iterable[Tensor]) -> list[Tensor]:
         """The parameters of ``grads`` that no active block reads (diagonal fallback)."""

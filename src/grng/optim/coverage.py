@@ -172,7 +172,7 @@ def coverage_of(optimizer: CurvatureOptimizer) -> Coverage:
     for raw_name, p in model.named_parameters():
         name = strip_wrapper_prefix(raw_name, model)
         layers = blocks.get(p, [])
-        active = [layer for layer in layers if layer.weight.requires_grad]
+        active = [layer for layer in layers if layer.active]
         if not p.requires_grad:
             kind: CoverageKind = "frozen"
         elif active:

@@ -115,10 +115,11 @@ class CurvatureOptions:
             diagonal ``E[a²]`` / ``E[g²]`` instead. It trades that side's
             cross-coordinate curvature (the other side stays dense) for cost: a dense
             side of width ``d`` costs ``d²`` memory and an ``O(d³)`` eigh or inverse at
-            every refresh. Measured per factor on one CPU thread (torch 2.13): eigh
-            0.75 s at d = 2048, 6–11 s at 4096, 10 s at 4608; a warm-started
-            Newton–Schulz inverse 1 s, 9 s, 15 s, from scratch 5 s, 38 s, 108 s (a
-            Cholesky fallback 1.5 s, 9 s, 12 s). The default 4096 keeps every side
+            every refresh. Measured per factor on one CPU thread (torch 2.13,
+            ``benchmarks/factor_cost.py``, ``results/factor_cost.md``): eigh 0.70 s at
+            d = 2048, 6.1 s at 4096, 9.3 s at 4608; a float64 Cholesky inverse 0.29 s,
+            2.1 s, 2.6 s; a Newton–Schulz inverse from scratch (single timings) 5 s,
+            38 s, 108 s. The default 4096 keeps every side
             of width ≤ 4096 dense and makes the 4608-wide input side of a
             ``Conv2d(512, 512, 3)`` (ResNet-18's last stage, three such layers)
             diagonal, so no ResNet-18 refresh spends tens of seconds per factor.
