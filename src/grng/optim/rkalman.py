@@ -279,7 +279,12 @@ class RKalman(CurvatureOptimizer):
                     # A diagonal side: its information is the diagonal, updated exactly.
                     new = 1 / (beta / old + weight * factor.to(old.dtype))
                 else:
-                    assert rows is not None, f"{layer.name}: no rows kept for a dense side"
+                    if rows is None:
+                        raise ValueError(
+                            f"RKalman: block {layer.name!r} has a dense {side} side but its "
+                            "adapter returned no rows (activation_statistic's third value); "
+                            "R-Kalman absorbs rows, so return them or make the side diagonal"
+                        )
                     new = kalman_absorb(old, rows.mT.to(old.dtype), beta, weight)
                 if self.forgetting:
                     new = self._absorb_floor(state, side, new, finite)
