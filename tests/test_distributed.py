@@ -184,26 +184,13 @@ class _Counter:
         setter(kfac, "damped_inverse", counted(inverse))
 
 
-def _train_tokens(
-    optimizer: torch.optim.Optimizer, forward: Callable[[torch.Tensor], torch.Tensor], rows: slice
-) -> None:
-    for x, y in _token_batches():
-
-        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(forward(x[rows]), y[rows])
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)  # type: ignore[arg-type]
-
-
 def _train(
     optimizer: torch.optim.Optimizer,
     forward: nn.Module,
     rows: slice,
+    batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]] = _batches,
 ) -> None:
-    for x, y in _batches():
+    for x, y in batches():
 
         def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             optimizer.zero_grad()
@@ -264,7 +251,7 @@ def _scenario_train(rank: int) -> dict[Any, Any]:
         model = _token_model()
         ddp = nn.parallel.DistributedDataParallel(model)
         optimizer = getattr(grng, cls)(ddp, **kwargs)
-        _train_tokens(optimizer, ddp, rows)
+        _train(optimizer, ddp, rows, _token_batches)
         out[("tokens", label)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # MC Fisher under DDP: backward_fisher's extra backward must not upset DDP.
     model = _model()
@@ -370,7 +357,7 @@ def test_attention_and_embedding_blocks_match_one_process(
     single = {k: v for k, v in kwargs.items() if k != "distributed"}
     if "distributed" in kwargs:
         single["distributed"] = None
-    _train_tokens(getattr(grng, cls)(model, **single), model, slice(None))
+    _train(getattr(grng, cls)(model, **single), model, slice(None), _token_batches)
     for rank, result in enumerate(trained):
         for name, value in model.state_dict().items():
             torch.testing.assert_close(

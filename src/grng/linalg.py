@@ -34,6 +34,7 @@ __all__ = [
     "InverseResult",
     "damped_inverse",
     "eigh_factor",
+    "factor_diagonal",
     "kronecker_solve_eigh",
     "kronecker_solve_inverse",
     "kronecker_tikhonov_solve_eigh",
@@ -134,12 +135,12 @@ def pi_correction(activation_factor: Tensor, gradient_factor: Tensor, eps: float
     Traces are accumulated in at least float32. Returns a 0-d tensor.
     """
     dtype = _accumulation_dtype(activation_factor.dtype, gradient_factor.dtype)
-    mean_a = _diagonal(activation_factor.to(dtype)).mean(-1)
-    mean_g = _diagonal(gradient_factor.to(dtype)).mean(-1)
+    mean_a = factor_diagonal(activation_factor.to(dtype)).mean(-1)
+    mean_g = factor_diagonal(gradient_factor.to(dtype)).mean(-1)
     return torch.sqrt(mean_a.clamp_min(eps) / mean_g.clamp_min(eps))
 
 
-def _diagonal(factor: Tensor) -> Tensor:
+def factor_diagonal(factor: Tensor) -> Tensor:
     """The diagonal of a dense factor, or a diagonal factor itself."""
     return factor if factor.dim() == 1 else factor.diagonal(dim1=-2, dim2=-1)
 

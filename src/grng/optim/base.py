@@ -85,6 +85,7 @@ from grng.distributed import (
     strip_wrapper_prefix,
     unwrap_model,
 )
+from grng.linalg import factor_diagonal
 from grng.optim.coverage import Coverage, CoverageWarning, coverage_of, diagonal_warning
 from grng.optim.options import CurvatureOptions, check_group_hyperparameters
 from grng.optim.selection import (
@@ -133,6 +134,11 @@ class CurvatureOptimizer(Optimizer):
     Construction warns (:class:`grng.CoverageWarning`) when more than 10% of the
     trainable scalars, outside ``exclude``, get only the diagonal fallback.
     """
+
+    #: Whether :meth:`damping` reads the block's own gradient norm (RING with
+    #: ``grad_norm="layer"``); only then is it computed for blocks that hold some rows
+    #: of their parameters (attention's q, k, v; conv groups).
+    uses_block_grad_norm: bool = False
 
     #: Whether the damping depends on the step's gradient (RING); used to know when
     #: a Newton–Schulz inverse at a reference damping can be shifted.
@@ -545,7 +551,7 @@ class CurvatureOptimizer(Optimizer):
             if d is not p.grad
         ]
         for e in estimates.values():
-            checks += [_trace(e.activation_factor), _trace(e.gradient_factor)]
+            checks += [factor_diagonal(f).sum() for f in (e.activation_factor, e.gradient_factor)]
         return torch.isfinite(torch.stack(checks).sum())
 
     def _warn_if_skipped(self, finite: Tensor) -> None:
@@ -633,8 +639,7 @@ class CurvatureOptimizer(Optimizer):
 
     def _fallback_params(self, grads: Iterable[Tensor]) -> list[Tensor]:
         """The parameters of ``grads`` that no active block reads (diagonal fallback)."""
-        kronecker = parameters_of(self._active_layers())
-        return [p for p in grads if p not in kronecker]
+        return [p for p in grads if not any(b.active for b in self._blocks_of.get(p, ()))]
 
     def _update_diagonal(self, grads: dict[Tensor, Tensor], examples: int, finite: Tensor) -> None:
         """Diagonal Fisher of fallback parameters: ``v ← β v + (1 − β) n ḡ²``.
@@ -665,7 +670,8 @@ class CurvatureOptimizer(Optimizer):
                 continue
             dtype = statistics_dtype(layer.weight)
             block_sq = None
-            if grads is not None and (layer.weight_rows is not None or layer.bias_rows is not None):
+            sliced = layer.weight_rows is not None or layer.bias_rows is not None
+            if self.uses_block_grad_norm and grads is not None and sliced:
                 rows = layer.gradient_matrix(
                     {p: grads[p].to(dtype) for p in layer.params if p in grads}
                 )
@@ -805,11 +811,6 @@ class CurvatureOptimizer(Optimizer):
                         f"state_dict does not fit layer {layer.name!r}: {name} has shape "
                         f"{tuple(value.shape)}, expected size {expected[side]}"
                     )
-
-
-def _trace(factor: Tensor) -> Tensor:
-    """Trace of a dense factor, or the sum of a diagonal (1-D) one."""
-    return factor.sum() if factor.dim() == 1 else factor.diagonal().sum()
 
 
 def _unscale(estimates: dict[str, FactorEstimate], scaler: Any) -> dict[str, FactorEstimate]:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Literal, overload
 from torch import Tensor, nn
 
 from grng.curvature.layers import KroneckerLayer
-from grng.distributed import strip_wrapper_prefix
 
 if TYPE_CHECKING:
     from grng.optim.base import CurvatureOptimizer
@@ -169,8 +168,7 @@ def coverage_of(optimizer: CurvatureOptimizer) -> Coverage:
     owner = owners(model)
     blocks = optimizer._blocks_of
     entries = []
-    for raw_name, p in model.named_parameters():
-        name = strip_wrapper_prefix(raw_name, model)
+    for _, p in model.named_parameters():
         layers = blocks.get(p, [])
         active = [layer for layer in layers if layer.active]
         if not p.requires_grad:
@@ -192,7 +190,7 @@ def coverage_of(optimizer: CurvatureOptimizer) -> Coverage:
             note = _side_note(layers)
         entries.append(
             CoverageEntry(
-                name=name,
+                name=optimizer._name(p),
                 kind=kind,
                 module_type=type(owner[p]).__name__,
                 numel=p.numel(),

@@ -77,6 +77,10 @@ class RING(KFAC):
             **kwargs,
         )
 
+    @property
+    def uses_block_grad_norm(self) -> bool:  # type: ignore[override]
+        return self.grad_norm == "layer"
+
     def damping(
         self, group: dict[str, Any], block_grad_sq: Tensor, total_grad_sq: Tensor
     ) -> Tensor:
