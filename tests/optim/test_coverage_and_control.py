@@ -401,3 +401,13 @@ def test_skipped_step_warning_points_at_the_callers_line() -> None:
         optimizer.step()
     (warning,) = [w for w in caught if "skipped a step" in str(w.message)]
     assert warning.filename == __file__
+
+
+def test_max_factor_dim_says_which_sides_it_made_diagonal() -> None:
+    model = nn.Sequential(nn.Linear(10, 3), nn.Linear(3, 2))
+    with pytest.warns(grng.CoverageWarning, match=r"max_factor_dim=8 keeps 1 .*0 A \(11\)"):
+        grng.KFAC(model, max_factor_dim=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", grng.CoverageWarning)
+        grng.KFAC(model, max_factor_dim=None)
+        grng.KFAC(model)  # every side within the default cap

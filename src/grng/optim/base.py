@@ -86,7 +86,13 @@ from grng.distributed import (
     unwrap_model,
 )
 from grng.linalg import factor_diagonal
-from grng.optim.coverage import Coverage, CoverageWarning, coverage_of, diagonal_warning
+from grng.optim.coverage import (
+    Coverage,
+    CoverageWarning,
+    capped_sides_warning,
+    coverage_of,
+    diagonal_warning,
+)
 from grng.optim.options import CurvatureOptions, check_group_hyperparameters
 from grng.optim.selection import (
     ExcludeRule,
@@ -131,7 +137,8 @@ class CurvatureOptimizer(Optimizer):
             unknown key TypeError. See the module docstring ("Groups") for which group
             a block's damping comes from.
 
-    Construction warns (:class:`grng.CoverageWarning`) when more than 10% of the
+    Construction warns (:class:`grng.CoverageWarning`) once when ``max_factor_dim``
+    keeps a factor side diagonal, naming the sides, and once when more than 10% of the
     trainable scalars, outside ``exclude``, get only the diagonal fallback.
     """
 
@@ -215,9 +222,9 @@ class CurvatureOptimizer(Optimizer):
         try:
             # Collective: every rank raises (naming the difference) rather than hanging later.
             self.distributor.check_consistent(self._fingerprint())
-            message = diagonal_warning(self, self.coverage())
-            if message is not None:
-                warn(message, CoverageWarning)
+            for message in (diagonal_warning(self, self.coverage()), capped_sides_warning(self)):
+                if message is not None:
+                    warn(message, CoverageWarning)
         except BaseException:
             self.capture.remove()  # a failed constructor leaves no hook on the model
             raise
