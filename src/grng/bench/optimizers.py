@@ -34,7 +34,6 @@ only when its class takes the keyword that selects it (``ring-factored`` needs R
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,7 +135,7 @@ def sophia_step(model: nn.Module, optimizer: Optimizer, task: Task, x: Tensor, y
 
 def reng_step(model: nn.Module, optimizer: Optimizer, task: Task, x: Tensor, y: Tensor) -> Tensor:
     """RENG needs the gradient's graph (its search direction is ∇L_G of the regularised
-    loss): backward with ``create_graph=True``, step, then drop the graph. In its
+    loss): ``optimizer.backward(loss)`` builds it, the step frees it. In its
     finite-difference mode (used under DistributedDataParallel, which does not synchronise
     second-order gradients) it steps with a closure instead."""
     if getattr(optimizer, "hvp", "exact") == "finite_difference":
@@ -153,13 +152,8 @@ def reng_step(model: nn.Module, optimizer: Optimizer, task: Task, x: Tensor, y: 
     optimizer.zero_grad(set_to_none=True)
     with math_attention():
         loss = task.loss(model(x), y)
-        with warnings.catch_warnings():
-            # torch warns that create_graph=True makes a parameter/grad reference cycle;
-            # the zero_grad(set_to_none=True) below breaks it every step.
-            warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
-            loss.backward(create_graph=True)
+        cast(Any, optimizer).backward(loss)
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # frees the second-order graph now
     return loss.detach()
 
 
