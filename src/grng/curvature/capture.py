@@ -29,8 +29,13 @@ where ``ĝ`` are the captured output gradients, ``examples`` the layer's example
 :mod:`grng.curvature.layers`) summed over every backward since the last clear
 (gradient accumulation: a mean loss over ``k`` micro-batches is divided by
 ``k`` as usual, a summed one is not), and ``uses`` how many times the layer ran
-per forward of the model (a reused layer sees each example several times, but
-the loss still averages over it once). For the training loss the library
+per forward: its calls divided by the backward passes that reached it (a reused
+layer sees each example several times, but the loss still averages over it
+once). Counting backward passes, not calls of ``model``, makes accumulation
+independent of the caller's order: the forward may go through ``model`` or a
+submodule of it (Lightning's ``training_step``), and ``zero_grad`` may come
+before or after it (it discards the statistics of backward passes already run,
+never those of a forward still waiting for its backward). For the training loss the library
 cannot know ``M``, so it takes ``M = n``: one loss term per example the layer
 counts, as for cross-entropy over ``(B, T, C)`` logits or a per-image loss
 after a convolution. A loss with fewer terms, e.g. a sum over the ``T``
@@ -94,6 +99,9 @@ class _LayerSums:
     activation_rows: int = 0
     examples: int = 0
     calls: int = 0
+    #: Backward passes (autograd graph tasks) that reached the layer, and the last one.
+    passes: int = 0
+    last_task: int = -1
     #: Σ_p M_p over the Monte-Carlo passes with known terms that reached the layer.
     terms: int = 0
     last_pass: int = 0
@@ -118,7 +126,8 @@ class CurvatureCapture:
     """Captures Kronecker-factor statistics for ``layers`` of ``model``.
 
     Args:
-        model: the network; a forward pre-hook counts its forward passes.
+        model: the network; a forward pre-hook counts its batch examples (the
+            diagonal fallback's scale when no layer was captured) and empty batches.
         layers: the layers to capture.
         fisher: ``"empirical"`` to take output gradients from any backward
             (the training loss's own), ``"mc"`` to take them only inside
@@ -250,6 +259,10 @@ class CurvatureCapture:
         sums.activation_rows += a_count
         sums.examples += examples
         sums.calls += 1
+        task = torch._C._current_graph_task_id()
+        if task != sums.last_task or task < 0:
+            sums.passes += 1
+            sums.last_task = task
 
     def _keep(self, rows: Tensor, salt: int) -> Tensor:
         """``keep_rows`` random rows scaled by ``sqrt(n / kept)`` (all rows if ``n ≤ k``)."""
@@ -308,8 +321,13 @@ class CurvatureCapture:
         per_layer = [s.examples / self._uses(s) for s in self._sums.values()]
         return round(max(per_layer)) if per_layer else self._leading_examples
 
-    def _uses(self, sums: _LayerSums) -> float:
-        return max(1.0, sums.calls / max(1, self._forwards))
+    @staticmethod
+    def _uses(sums: _LayerSums) -> float:
+        # Calls per backward pass: a layer run r times in one forward is reached r
+        # times by that forward's backward. Counting passes rather than forwards of
+        # ``model`` keeps this right whatever module the caller runs (Lightning calls
+        # a submodule) and whenever it zeroes the gradients (before or after the forward).
+        return max(1.0, sums.calls / max(1, sums.passes))
 
     def _gradient_scale(self, sums: _LayerSums, examples: float) -> float:
         """What ``Σ ĝ ĝᵀ`` is multiplied by to give ``G`` (``examples`` is ``n``)."""

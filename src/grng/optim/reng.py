@@ -57,13 +57,25 @@ HvpMethod = Literal["exact", "finite_difference"]
 _NO_GRAPH = (
     "RENG(hvp='exact') needs the gradient's autograd graph: call optimizer.backward(loss) "
     "(or loss.backward(create_graph=True)) before optimizer.step(), or pass a closure that does; "
-    "or use RENG(..., hvp='finite_difference') with optimizer.step(closure). "
-    "No parameter or state was changed."
+    "or use RENG(..., hvp='finite_difference') with optimizer.step(closure). In Hugging Face "
+    "Trainer use grng.integrations.huggingface.GRNGTrainer, in Lightning mix "
+    "grng.integrations.lightning.GRNGMixin into the LightningModule: both back-propagate "
+    "with the graph. No parameter or state was changed."
 )
 _NO_CLOSURE = (
     "RENG(hvp='finite_difference') re-evaluates the loss at a perturbed point: call "
     "optimizer.step(closure) with a closure that zeroes the gradients, computes the loss, "
     "calls loss.backward() and returns the loss. No parameter or state was changed."
+)
+_ACCUMULATED = (
+    "RENG(hvp='finite_difference'): the gradient holds {passes} backward pass(es) run before "
+    "optimizer.step(closure) that the closure did not zero (gradient accumulation, e.g. "
+    "Lightning's accumulate_grad_batches > 1), but the perturbed pass re-evaluates only the "
+    "closure, so H∇L would cover only its micro-batch. Let the closure compute every "
+    "micro-batch (zero the gradients, then forward and backward each), or use "
+    "RENG(..., hvp='exact'), which accumulates correctly (in Lightning, with "
+    "grng.integrations.lightning.GRNGMixin; in a plain loop, optimizer.backward(loss) "
+    "per micro-batch). Nothing was changed but the gradients the closure accumulated."
 )
 _CLOSURE_BACKWARD = {
     "exact": "call optimizer.backward(loss) (or loss.backward(create_graph=True))",
@@ -141,6 +153,40 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+class _BackwardPasses:
+    """Counts the backward passes that accumulated into ``.grad`` since :meth:`reset`.
+
+    A post-accumulate-grad hook on every trainable parameter notes the autograd
+    graph task it runs in; each new task is one more pass. RENG's finite
+    difference uses it to tell a gradient accumulated over micro-batches outside
+    ``step(closure)`` (which the closure cannot re-evaluate) from one the closure
+    computed itself.
+    """
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        self.count = 0
+        self._last_task = -1
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._on_accumulate)
+            for p in params
+            if p.requires_grad
+        ]
+
+    def _on_accumulate(self, _: Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._last_task:
+            self.count += 1
+            self._last_task = task
+
+    def reset(self) -> None:
+        self.count = 0
+        self._last_task = -1
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _buffer_snapshot(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
@@ -224,6 +270,14 @@ class RENG(KFAC):
         #: The global RNG state right before this step's first closure call, replayed
         #: by the finite-difference pass; None outside :meth:`step`.
         self._closure_rng: _RngState | None = None
+        #: Finite differences: backward passes into ``.grad`` since the last step or
+        #: ``zero_grad`` (gradient accumulation outside the closure is refused).
+        self._passes = (
+            _BackwardPasses(p for g in self.param_groups for p in g["params"])
+            if self.hvp == "finite_difference"
+            else None
+        )
+        self._zero_grad_calls = 0
 
     def backward(self, loss: Tensor) -> None:
         """The gradients for :meth:`step`: ``loss.backward(create_graph=True)``, without the warning.
@@ -248,6 +302,12 @@ class RENG(KFAC):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._passes is not None and not self.capture.is_paused:
+            self._passes.reset()
+            self._zero_grad_calls += 1
+
     def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
         """One optimization step; with finite differences the closure's randomness is replayed.
 
@@ -255,16 +315,33 @@ class RENG(KFAC):
         that call starts from, so the perturbed pass can draw the same dropout masks.
         A closure after whose first call no parameter has a gradient raises a
         RuntimeError before anything changes (the base step would silently do nothing).
+        With finite differences, so does a gradient accumulated over backward passes
+        run before ``step(closure)`` that the closure did not zero (Lightning's
+        ``accumulate_grad_batches > 1``): the perturbed pass would re-evaluate only
+        the closure's micro-batch.
         """
         if closure is None:
-            return super().step()
+            loss = super().step()
+            if self._passes is not None:
+                self._passes.reset()
+            return loss
         first_call = True
+        earlier_passes = self._passes.count if self._passes is not None else 0
+        zero_grad_calls = self._zero_grad_calls
 
         def checked_closure() -> Tensor:
             nonlocal first_call
             loss = closure()
             if first_call and not self._any_gradient():
                 raise RuntimeError(self._no_gradient_message("after the closure ran"))
+            if (
+                first_call
+                and earlier_passes
+                and self._zero_grad_calls == zero_grad_calls
+                and self._passes is not None
+                and self._passes.count > earlier_passes  # the closure back-propagated too
+            ):
+                raise RuntimeError(_ACCUMULATED.format(passes=earlier_passes))
             first_call = False
             return loss
 
@@ -272,9 +349,12 @@ class RENG(KFAC):
             return super().step(checked_closure)
         self._closure_rng = _RngState.now()
         try:
-            return super().step(checked_closure)
+            loss = super().step(checked_closure)
         finally:
             self._closure_rng = None
+        assert self._passes is not None
+        self._passes.reset()
+        return loss
 
     def _any_gradient(self, params: Iterable[Tensor] | None = None) -> bool:
         if params is None:
