@@ -151,6 +151,16 @@ def train_step(
         return optimizer.step(closure)
 
 
+def run_through_refresh(
+    variant: str | Variant, model: nn.Module, optimizer: grng.CurvatureOptimizer, seed: int = 100
+) -> None:
+    """Clean steps (``batch(seed + k)``) until a refresh step has run: skipped non-finite
+    steps are reported (warned about) at the end of refresh steps only, since an ordinary
+    step reads nothing back from the device. No step if the last one was a refresh step."""
+    while not optimizer.is_refresh_step(optimizer.steps_taken - 1):
+        train_step(variant, model, optimizer, *batch(seed + optimizer.steps_taken))
+
+
 # ----------------------------------------------------------------------- state checks
 def snapshot(
     model: nn.Module, optimizer: grng.CurvatureOptimizer, *, counters: bool = False

@@ -309,7 +309,8 @@ class DataParallel:
             # Per layer and side, every rank's number of kept rows (own slot only).
             row_counts = torch.zeros(len(group_layers), 2, world, dtype=dtype, device=device)
             for i, layer in enumerate(group_layers):
-                size = math.prod(layer.activation_shape) + math.prod(layer.gradient_shape)
+                a_shape, g_shape = layer.activation_estimate_shape, layer.gradient_estimate_shape
+                size = math.prod(a_shape) + math.prod(g_shape)
                 estimate = estimates.get(layer.name)
                 if estimate is None:
                     pieces += [torch.zeros(size, dtype=dtype, device=device)]
@@ -348,7 +349,7 @@ class DataParallel:
             for i, (layer, weight, host) in enumerate(
                 zip(group_layers, totals, host_totals, strict=True)
             ):
-                a_shape, g_shape = layer.activation_shape, layer.gradient_shape
+                a_shape, g_shape = layer.activation_estimate_shape, layer.gradient_estimate_shape
                 a = buffer[offset : offset + math.prod(a_shape)].view(a_shape)
                 offset += math.prod(a_shape)
                 g = buffer[offset : offset + math.prod(g_shape)].view(g_shape)

@@ -23,6 +23,7 @@ Conventions
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from torch import Tensor
 __all__ = [
     "InverseResult",
     "damped_inverse",
+    "eigenbasis_solve",
+    "eigh_damped_inverse",
     "eigh_factor",
     "factor_diagonal",
     "kronecker_solve_eigh",
@@ -40,9 +43,11 @@ __all__ = [
     "kronecker_tikhonov_solve_eigh",
     "newton_schulz_inverse",
     "pi_correction",
+    "prefers_newton_schulz",
     "shift_error_bound",
     "shifted_inverse_first_order",
     "symmetrize",
+    "tikhonov_inverse_spectrum",
 ]
 
 
@@ -93,26 +98,24 @@ def _eye_like(matrix: Tensor) -> Tensor:
     return torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
 
 
-def _add_to_diagonal(matrix: Tensor, value: float) -> Tensor:
-    """``M + value·I`` without modifying ``M``."""
-    out = matrix.clone()
-    out.diagonal().add_(value)
-    return out
+def _residual64_tensor(matrix64: Tensor, inverse: Tensor) -> Tensor:
+    """‖M X − I‖_F / sqrt(d) in float64 as a 0-d device tensor (no sync).
+
+    Normalising by sqrt(d) makes the residual the RMS singular value of ``M X − I``: it is 1 for
+    ``X = 0`` and independent of the size, so one tolerance fits every layer. It is NaN or inf
+    when ``X`` is not finite, which fails every ``<= tol`` comparison.
+    """
+    error = matrix64 @ inverse.to(torch.float64)
+    error.diagonal().sub_(1.0)  # − I without forming I: one pass over d entries, not d²
+    return torch.linalg.matrix_norm(error) / math.sqrt(matrix64.shape[-1])
 
 
 def _residual64(matrix64: Tensor, inverse: Tensor) -> float:
-    """‖M X − I‖_F / sqrt(d), evaluated in float64 (host sync).
-
-    Normalising by sqrt(d) makes the residual the RMS singular value of ``M X − I``: it is 1 for
-    ``X = 0`` and independent of the size, so one tolerance fits every layer.
-    """
-    error = matrix64 @ inverse.to(torch.float64) - _eye_like(matrix64)
-    return float(torch.linalg.matrix_norm(error)) / math.sqrt(matrix64.shape[-1])
+    """:func:`_residual64_tensor` as a Python float (host sync)."""
+    return float(_residual64_tensor(matrix64, inverse))
 
 
-def _damping_value(damping: float | Tensor) -> float:
-    """Validate the damping and return it as a Python float (host sync)."""
-    value = float(damping.detach().reshape(())) if isinstance(damping, Tensor) else float(damping)
+def _check_damping(value: float) -> float:
     if not math.isfinite(value) or value < 0.0:
         raise ValueError(f"damping must be finite and >= 0, got {value}")
     return value
@@ -169,7 +172,6 @@ def _newton_schulz(
     initial: Tensor | None,
     tol: float,
     max_iters: int,
-    max_initial_residual: float = math.inf,
 ) -> tuple[Tensor, int, bool, float]:
     """Newton–Schulz core; returns ``(X, iterations, converged, residual)``.
 
@@ -189,8 +191,6 @@ def _newton_schulz(
         res = float(torch.linalg.matrix_norm(error)) * inv_sqrt_d
         if not math.isfinite(res):
             break
-        if iteration == 0 and res >= max_initial_residual:
-            return x, 0, False, res
         if res < best_res:
             best_x, best_res = x, res
         if res <= tol:
@@ -270,12 +270,12 @@ class InverseResult:
         inverse: the (symmetric) inverse, float32 or float64 (see :func:`damped_inverse`).
         residual: ``‖M X − I‖_F / sqrt(d)`` of the returned ``inverse`` in float64, M being the
             damped matrix. It certifies the accuracy: ``‖X − M⁻¹‖_F <= sqrt(d)·residual·‖M⁻¹‖_2``.
-        method: the rung that produced ``inverse``: ``"newton_schulz"`` (first Newton–Schulz
-            attempt: from the warm start if one was given, else from the scaled identity),
-            ``"newton_schulz_restart"`` (a warm start was given but was skipped or failed),
-            ``"cholesky"`` or ``"eigh"``.
-        iterations: Newton–Schulz iterations of the rung that produced ``inverse`` (0 for
-            cholesky/eigh). Iterations of failed rungs are not included.
+        method: the rung that produced ``inverse``: ``"newton_schulz"`` (from the warm start),
+            ``"cholesky"`` (Cholesky inverse in the working dtype), ``"cholesky_float64"``
+            (the float64 retry of a float32 factor), ``"eigh"`` (clamped eigendecomposition)
+            or ``"diagonal"`` (a 1-D factor, inverted elementwise).
+        iterations: Newton–Schulz iterations performed from the warm start (0 for the other
+            rungs).
         ok: ``residual <= tol``.
     """
 
@@ -307,13 +307,116 @@ def _eigh_inverse64(factor64: Tensor, damping: float) -> Tensor:
 
 def _diagonal_inverse(factor: Tensor, damping: float | Tensor) -> InverseResult:
     """``1 / (max(f, 0) + damping)`` elementwise: the exact damped inverse of a diagonal factor."""
-    if not bool(torch.isfinite(factor).all()):
+    # One read (host sync) for both checks.
+    finite, value = torch.stack(
+        [
+            torch.isfinite(factor).all().to(torch.float64),
+            torch.as_tensor(damping, dtype=torch.float64, device=factor.device)
+            .detach()
+            .reshape(()),
+        ]
+    ).tolist()
+    if finite != 1.0:
         raise ValueError("damped_inverse: `factor` contains non-finite values (NaN or Inf)")
-    value = _damping_value(damping)
+    _check_damping(value)
     work = factor.to(_working_dtype(factor.dtype))
     floor = max(value, 4.0 / torch.finfo(torch.float32).max)
     inverse = 1.0 / (work.clamp_min(0.0) + value).clamp_min(floor)
     return InverseResult(inverse, 0.0, "diagonal", 0, True)
+
+
+def prefers_newton_schulz(device: torch.device) -> bool:
+    """Whether a warm-started Newton–Schulz iteration should be tried before Cholesky.
+
+    One iteration costs two matrix products (``X − X E``, then ``E = M X − I``), a Cholesky
+    inverse about ``d³`` flops. On CPU the product is not cheaper: on the reference VM (one
+    thread, float32, ``benchmarks/factor_cost.py``) an iteration took 1.0–2.5× a float32
+    Cholesky inverse for d = 256–4096 (353 ms against 163 ms at 2048), and a warm start after
+    a refresh needs about three, so the CPU goes straight to Cholesky. On an accelerator a product is one high-throughput kernel while
+    a factorisation is a chain of small dependent ones whose status is read back, so the warm
+    start is tried there; that half of the rule follows from this cost model and has not been
+    measured (no accelerator was available).
+    """
+    return device.type != "cpu"
+
+
+def _predicted_iterations(residual: float, tol: float) -> int:
+    """The smallest ``k`` with ``residual^(2^k) <= tol``: when to look at Newton–Schulz next.
+
+    With ``E_{k+1} = E_k²`` and a symmetric E (eigenvalues μ), Cauchy–Schwarz gives
+    ``r(E²)² = Σμ⁴/d >= (Σμ²/d)² = r(E)⁴``, so the residual ``r`` cannot fall faster than
+    ``r_k >= r_0^(2^k)`` and fewer iterations cannot reach ``tol``. ``E = I − M X`` is similar to
+    the symmetric ``I − M^½ X M^½``, so this holds up to that similarity; the prediction only
+    decides when the residual is read back (saving a host sync per iteration), never whether
+    the result is accepted.
+    """
+    if residual <= tol:
+        return 0
+    return max(1, math.ceil(math.log2(math.log(tol) / math.log(residual))))
+
+
+def _warm_newton_schulz(
+    matrix: Tensor,
+    matrix64: Tensor,
+    x: Tensor,
+    error: Tensor,
+    residual: float,
+    tol: float,
+    max_iters: int,
+) -> tuple[Tensor, int, float] | None:
+    """Newton–Schulz from a warm start ``x`` (``error = M x − I``, ``residual`` its RMS).
+
+    Runs the predicted number of iterations (:func:`_predicted_iterations`) without reading
+    anything back, then reads the working-dtype residuals of the intermediate iterates and the
+    float64 residual of the last one in one host sync. Returns ``(X, iterations, residual64)``
+    once the float64 residual is ``<= tol``; None when the prediction exceeds ``max_iters``,
+    the residual stops decreasing (the rounding floor of the dtype), or it turns non-finite.
+    """
+    eye = _eye_like(matrix)
+    inv_sqrt_d = 1.0 / math.sqrt(matrix.shape[-1])
+    done, error_is_current = 0, True
+    while True:
+        planned = _predicted_iterations(residual, tol)
+        if done > 0 or not error_is_current:
+            planned = max(planned, 1)  # the last look failed: at least one more iteration
+        if done + planned > max_iters:
+            return None
+        residuals: list[Tensor] = []
+        for i in range(planned):
+            if i > 0 or not error_is_current:
+                error = matrix @ x - eye
+                residuals.append(torch.linalg.matrix_norm(error).to(torch.float64) * inv_sqrt_d)
+            # X(2I − MX) as the correction X − X·E, computed to relative accuracy when E is
+            # tiny; for symmetric X and M the exact update is symmetric, so symmetrising only
+            # removes rounding drift (which would otherwise let ‖XM − I‖ stall).
+            x = symmetrize(x - x @ error)
+        done += planned
+        error_is_current = planned == 0
+        certificate = _residual64_tensor(matrix64, x)
+        values = torch.stack([*residuals, certificate]).tolist()  # the round's one host sync
+        if values[-1] <= tol:
+            return x, done, values[-1]
+        if not all(math.isfinite(v) for v in values) or values[-1] >= 1.0:
+            return None
+        # E_{k+1} = E_k²: in exact arithmetic every iterate improves, so a non-decrease means
+        # the iteration reached the rounding floor of the working dtype. (After a look with
+        # no iteration, the float64 residual may exceed the working-dtype one it follows.)
+        sequence = [residual, *values]
+        if planned > 0 and any(later >= earlier for earlier, later in itertools.pairwise(sequence)):
+            return None
+        residual = values[-1]
+
+
+def _cholesky_inverse(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sym(M⁻¹), info)`` through ``cholesky_ex`` in ``matrix``'s dtype (no sync).
+
+    A non-zero ``info`` means M is not numerically positive definite in that dtype; the
+    factor's diagonal is then set to 1 (``cholesky_inverse`` raises on a zero pivot, and
+    reading ``info`` first would cost a host sync), and callers reject the result by ``info``.
+    """
+    cholesky, info = torch.linalg.cholesky_ex(matrix)
+    cholesky.diagonal().masked_fill_(info != 0, 1.0)  # no zero pivot left: O(d), no sync
+    return symmetrize(torch.cholesky_inverse(cholesky)), info
 
 
 def damped_inverse(
@@ -322,43 +425,51 @@ def damped_inverse(
     warm_start: Tensor | None = None,
     *,
     tol: float = 1e-4,
-    max_iters: int = 100,
+    max_iters: int = 5,
 ) -> InverseResult:
     """``(F + damping·I)⁻¹`` for a symmetric PSD factor F, through a defensive ladder.
 
     The input is symmetrised and the damped matrix ``M = sym(F) + damping·I`` is formed in
-    float64 (then rounded once to the working dtype). Rungs, each taken only when the previous
-    one fails its residual check (``‖M X − I‖_F / sqrt(d) <= tol`` measured in float64):
+    float64, then rounded once to the working dtype (float64 for float64 factors, float32
+    otherwise). Each rung's candidate is accepted only when its residual
+    ``‖M X − I‖_F / sqrt(d)``, computed in float64 against the float64 M, is ``<= tol``:
 
-    Both Newton–Schulz rungs are skipped when ``κ_bound·eps > tol`` with the cheap bound
-    ``κ_bound = ‖M‖_∞ / damping ≥ κ(M)``: the iteration stagnates near ``κ·eps`` and its
-    iterations would be wasted.
-
-    1. Newton–Schulz from ``warm_start`` (typically the previous inverse, which for slowly
-       moving factors converges in 1–3 iterations). Skipped when its initial residual is >= 1,
-       the residual of ``X = 0``: such a start is no better than nothing and ρ(E_0) < 1, which
-       convergence needs, is then unlikely.
-    2. Newton–Schulz from the scaled identity, guaranteed to converge in exact arithmetic for
-       SPD M (see :func:`newton_schulz_inverse`).
-    3. Cholesky inverse in float64 (``cholesky_ex``; a non-zero ``info`` means M is not
-       numerically positive definite). This is the float64 retry: float32 Newton–Schulz reaches
-       tol = 1e-4 only up to κ ≈ 1e2–1e3, and a float64 Newton–Schulz (~20 iterations of two
-       matmuls) costs tens of times more than a Cholesky factorisation (measured 5.6 s
-       against ~0.1 s for d = 1281 on one CPU core).
+    1. Newton–Schulz from ``warm_start`` (typically the previous inverse), only when one is
+       given. Skipped when its initial residual is >= 1 (the residual of ``X = 0``: no better
+       than nothing, and ρ(E_0) < 1, which convergence needs, is then unlikely), when it is
+       non-finite, or when the cheap bound ``κ_bound = ‖M‖_∞ / damping ≥ κ(M)`` times the
+       working dtype's epsilon exceeds ``tol`` (the iteration stagnates near ``κ·eps``).
+       Abandoned when it is predicted to need more than ``max_iters`` iterations, or stops
+       improving. Residuals are read back once per batch of predicted iterations, not once per
+       iteration (:func:`_predicted_iterations`). Callers pass a warm start only where an
+       iteration is cheaper than a factorisation (:func:`prefers_newton_schulz`).
+    2. Cholesky inverse in the working dtype (``cholesky_ex`` + ``cholesky_inverse``). For a
+       float32 factor this is the float32 factorisation, about 2× cheaper than float64 on the
+       reference CPU. Its residual was measured at about ``1.3e-8·κ(M)`` (d = 128–1024), so it
+       meets ``tol = 1e-4`` up to κ ≈ 7e3; every factor of the two transformers of
+       ``benchmarks/refresh_cost.py`` at K-FAC's default damping had κ ≤ 171 and a residual
+       ≤ 2.1e-6.
+    3. For a float32 factor only: Cholesky inverse in float64, rounded to float32. Accepted
+       when the float64 inverse itself meets ``tol``; its ``residual`` is that of the rounded
+       float32 matrix, measured at about ``1.4e-9·κ(M)`` (rounding X alone leaves ``MX − I``
+       of that order), so beyond κ ≈ 7e4 no float32 matrix meets ``tol = 1e-4`` and the
+       rounded inverse is returned with ``ok=False``, the best a float32 inverse can be.
     4. ``eigh`` in float64 with the eigenvalues of M clamped at >= ``damping`` (i.e. the factor's
-       at >= 0): always finite, exact inverse of the nearest PSD-damped matrix.
+       at >= 0): always finite, exact inverse of the nearest PSD-damped matrix. Reached when
+       M is not numerically positive definite (an indefinite factor) or so ill-conditioned
+       that even the float64 Cholesky inverse misses ``tol``.
 
-    The rung check of rung 3 is made on the float64 result. For a float32 factor with
-    κ(M) ≳ 1e4·tol no float32 matrix has a residual below ``tol`` (rounding X alone leaves
-    ``MX − I`` of order κ·6e-8), so the rounded float64 inverse is returned with ``ok=False``;
-    ``residual`` is always that of the returned matrix.
+    Host syncs: one per rung tried (a rung reads its status and float64 certificate together;
+    the input checks, finiteness and damping, ride along with the first read) plus one per
+    batch of Newton–Schulz iterations. A cold inversion that rung 2 accepts reads back once;
+    a warm start that converges reads back twice (its initial residual, then its iterations).
 
     Args:
         factor: symmetric PSD matrix, any real floating dtype. bf16/fp16 are upcast to float32.
         damping: non-negative Python float or 0-d tensor.
         warm_start: optional approximate inverse; ignored (skipped) when non-finite.
         tol: residual tolerance.
-        max_iters: Newton–Schulz iteration cap, per rung.
+        max_iters: cap on the Newton–Schulz iterations from the warm start.
 
     Returns:
         :class:`InverseResult` whose ``inverse`` is symmetric, finite, on ``factor.device``, in
@@ -368,77 +479,91 @@ def damped_inverse(
         ValueError: if ``factor`` is not square or contains NaN/Inf, if ``damping`` is negative
             or non-finite, or if ``warm_start`` has the wrong shape.
 
-    Cost: host syncs throughout (stopping rules, residual checks). Each residual check is one
-    float64 matmul; the float64 rungs are slow on accelerators with weak float64 throughput.
+    Cost (``docs/performance.md``): the Cholesky rung is ``d³/3`` flops for the factorisation
+    and ``2d³/3`` for the inverse; every certificate is one float64 product (``2d³`` flops),
+    which on CPU costs more than the float32 Cholesky inverse it certifies (299 ms against
+    163 ms at d = 2048 on the reference VM) and is the price of the guarantee.
     """
     if factor.dim() == 1:
         return _diagonal_inverse(factor, damping)
-    _check_square(factor, "factor")
-    if not bool(torch.isfinite(factor).all()):
-        raise ValueError("damped_inverse: `factor` contains non-finite values (NaN or Inf)")
+    d = _check_square(factor, "factor")
     if warm_start is not None and warm_start.shape != factor.shape:
         raise ValueError(
             f"`warm_start` has shape {tuple(warm_start.shape)}, expected {tuple(factor.shape)}"
         )
-    damping_value = _damping_value(damping)
+    if not isinstance(damping, Tensor):
+        _check_damping(float(damping))  # a Python number is checked now, without a sync
     work_dtype = _working_dtype(factor.dtype)
+    float64 = torch.float64
 
-    factor64 = symmetrize(factor.to(torch.float64))
-    matrix64 = _add_to_diagonal(factor64, damping_value)
+    damping64 = torch.as_tensor(damping, dtype=float64, device=factor.device).detach().reshape(())
+    matrix64 = symmetrize(factor.to(float64))  # sym(F) until the damping is added in place
+    matrix64.diagonal().add_(damping64)
     matrix = matrix64.to(work_dtype)
 
-    def result(
-        inverse: Tensor, method: str, iterations: int, residual: float | None = None
-    ) -> InverseResult:
-        inverse = symmetrize(inverse).to(work_dtype)
-        if residual is None:
-            residual = _residual64(matrix64, inverse)
-        return InverseResult(inverse, residual, method, iterations, residual <= tol)
+    # The inputs are validated by the first read of device values, which also carries what
+    # the rungs decide on: with a warm start, before rung 1; without one, with rung 2's
+    # status (a cold inversion reads back once). The work done on an invalid input before it
+    # raises is wasted, which only an error case pays.
+    validation = [damping64, torch.isfinite(factor).all().to(float64)]
 
-    # Newton–Schulz stagnates at a residual of about κ·eps of the working dtype; when even the
-    # cheap bound κ ≤ ‖M‖_∞ / damping (F is PSD, so λ_min(M) ≥ damping) says it might not reach
-    # tol, the iterations would likely be wasted: go straight to the float64 rungs.
-    kappa_bound = float(torch.linalg.matrix_norm(matrix64, ord=math.inf)) / max(
-        damping_value, 1e-300
-    )
-    newton_schulz_can_converge = kappa_bound * torch.finfo(work_dtype).eps <= tol
+    def validated(values: list[float]) -> float:
+        if values[1] != 1.0:
+            raise ValueError("damped_inverse: `factor` contains non-finite values (NaN or Inf)")
+        return _check_damping(values[0])
 
-    # Rung 1: warm start.
-    if (
-        newton_schulz_can_converge
-        and warm_start is not None
-        and bool(torch.isfinite(warm_start).all())
-    ):
-        x, iters, converged, _ = _newton_schulz(
-            matrix, warm_start, tol, max_iters, max_initial_residual=1.0
-        )
-        if converged:
-            residual = _residual64(matrix64, symmetrize(x))
-            if residual <= tol:
-                return result(x, "newton_schulz", iters, residual)
+    # Rung 1: Newton–Schulz from the warm start.
+    damping_value: float | None = None
+    if warm_start is not None:
+        x0 = symmetrize(warm_start.to(device=factor.device, dtype=work_dtype))
+        error0 = matrix @ x0 - _eye_like(matrix)
+        values = torch.stack(
+            [
+                *validation,
+                torch.linalg.matrix_norm(matrix64, ord=math.inf),
+                torch.linalg.matrix_norm(error0).to(float64) / math.sqrt(d),
+            ]
+        ).tolist()
+        damping_value = validated(values)
+        kappa_bound = values[2] / max(damping_value, 1e-300)
+        if 0.0 <= values[3] < 1.0 and kappa_bound * torch.finfo(work_dtype).eps <= tol:
+            found = _warm_newton_schulz(matrix, matrix64, x0, error0, values[3], tol, max_iters)
+            if found is not None:
+                x, iterations, residual = found
+                return InverseResult(x, residual, "newton_schulz", iterations, True)
 
-    # Rung 2: scaled-identity start in the working dtype.
-    x, iters, converged, _ = (
-        _newton_schulz(matrix, None, tol, max_iters)
-        if newton_schulz_can_converge
-        else (matrix, 0, False, math.inf)
-    )
-    if converged:
-        residual = _residual64(matrix64, symmetrize(x))
-        if residual <= tol:
-            method = "newton_schulz" if warm_start is None else "newton_schulz_restart"
-            return result(x, method, iters, residual)
+    # Rung 2: Cholesky in the working dtype; its status and certificate in one read.
+    x, info = _cholesky_inverse(matrix)
+    status = [info.to(float64), _residual64_tensor(matrix64, x)]
+    if damping_value is None:
+        values = torch.stack([*validation, *status]).tolist()
+        damping_value = validated(values)
+        info_value, residual = values[2:]
+    else:
+        info_value, residual = torch.stack(status).tolist()
+    if info_value == 0 and residual <= tol:
+        return InverseResult(x, residual, "cholesky", 0, True)
 
-    # Rung 3: Cholesky in float64. Cheaper than Newton–Schulz in float64 (about 2·d³/3 flops
-    # against two d³ matmuls per iteration) and exact for SPD M.
-    cholesky, info = torch.linalg.cholesky_ex(matrix64)
-    if int(info) == 0:
-        x = symmetrize(torch.cholesky_inverse(cholesky))
-        if bool(torch.isfinite(x).all()) and _residual64(matrix64, x) <= tol:
-            return result(x, "cholesky", 0)
+    # Rung 3: the float64 retry of a float32 factor.
+    if work_dtype != float64:
+        x64, info = _cholesky_inverse(matrix64)
+        x = x64.to(work_dtype)
+        info_value, residual64, residual = torch.stack(
+            [
+                info.to(float64),
+                _residual64_tensor(matrix64, x64),
+                _residual64_tensor(matrix64, x),
+            ]
+        ).tolist()
+        if info_value == 0 and residual64 <= tol and math.isfinite(residual):
+            return InverseResult(x, residual, "cholesky_float64", 0, residual <= tol)
 
-    # Rung 4: clamped eigendecomposition, always finite.
-    return result(_eigh_inverse64(factor64, damping_value), "eigh", 0)
+    # Rung 4: clamped eigendecomposition, always finite. sym(F) is M − damping·I.
+    factor64 = matrix64.clone()
+    factor64.diagonal().sub_(damping64)
+    x = symmetrize(_eigh_inverse64(factor64, damping_value)).to(work_dtype)
+    residual = _residual64(matrix64, x)
+    return InverseResult(x, residual, "eigh", 0, residual <= tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,6 +676,7 @@ def kronecker_solve_eigh(
         gradient_eig,
         activation_eig,
         lambda g, a: (g + gradient_damping)[..., :, None] * (a + activation_damping)[..., None, :],
+        divide=True,
     )
 
 
@@ -568,7 +694,8 @@ def kronecker_tikhonov_solve_eigh(
 
         ``Q_G [ (Q_Gᵀ V Q_A) ⊘ (g aᵀ + γ) ] Q_Aᵀ``
 
-    (⊘ elementwise division). Unlike factored damping (:func:`kronecker_solve_eigh` with
+    (⊘ elementwise division; ``g aᵀ + γ`` is one fused ``addcmul``, divided into the rotated
+    matrix in place). Unlike factored damping (:func:`kronecker_solve_eigh` with
     ``d_G d_A = γ``), no cross terms ``d_G I ⊗ A + G ⊗ d_A I`` are added.
 
     Args:
@@ -585,7 +712,70 @@ def kronecker_tikhonov_solve_eigh(
         gradient_matrix,
         gradient_eig,
         activation_eig,
-        lambda g, a: g[..., :, None] * a[..., None, :] + damping,
+        lambda g, a: torch.addcmul(
+            torch.as_tensor(damping, dtype=g.dtype, device=g.device),
+            g[..., :, None],
+            a[..., None, :],
+        ),
+        divide=True,
+    )
+
+
+def eigh_damped_inverse(
+    eigenvalues: Tensor, eigenvectors: Tensor | None, damping: Tensor | float
+) -> Tensor:
+    """``(F + damping·I)⁻¹ = Q diag(1/(λ + damping)) Qᵀ`` from ``F``'s eigendecomposition. No sync.
+
+    ``(eigenvalues, eigenvectors)`` as returned by :func:`eigh_factor` (eigenvectors None: a
+    diagonal factor, whose inverse is returned as the 1-D ``1/(λ + damping)``). One product
+    of two d × d matrices; ``λ + damping`` must be > 0. Computed in at least float32. Exact
+    up to rounding for any damping, so with the two sides' dampings fixed K-FAC's factored
+    solve ``(G + d_G I)⁻¹ V (A + d_A I)⁻¹`` needs two products per step
+    (:func:`kronecker_solve_inverse`) instead of the four of :func:`kronecker_solve_eigh`.
+    """
+    dtype = _accumulation_dtype(eigenvalues.dtype)
+    scale = torch.reciprocal(eigenvalues.to(dtype) + damping)
+    if eigenvectors is None:
+        return scale
+    q = eigenvectors.to(dtype)
+    return symmetrize((q * scale[..., None, :]) @ q.mT)
+
+
+def tikhonov_inverse_spectrum(
+    gradient_eigenvalues: Tensor, activation_eigenvalues: Tensor, damping: Tensor | float
+) -> Tensor:
+    """``1 / (g aᵀ + γ)``, the spectrum :func:`kronecker_tikhonov_solve_eigh` divides by. No sync.
+
+    Computed in at least float32. With :func:`eigenbasis_solve` it lets a caller whose damping
+    does not change between refreshes build it once per refresh.
+    """
+    dtype = _accumulation_dtype(gradient_eigenvalues.dtype, activation_eigenvalues.dtype)
+    g = gradient_eigenvalues.to(dtype)
+    a = activation_eigenvalues.to(dtype)
+    gamma = torch.as_tensor(damping, dtype=dtype, device=g.device)
+    return torch.reciprocal(torch.addcmul(gamma, g[..., :, None], a[..., None, :]))
+
+
+def eigenbasis_solve(
+    gradient_matrix: Tensor,
+    gradient_basis: Tensor | None,
+    activation_basis: Tensor | None,
+    inverse_spectrum: Tensor,
+) -> Tensor:
+    """``Q_G [(Q_Gᵀ V Q_A) ⊙ S] Q_Aᵀ`` with a precomputed inverse spectrum ``S``. No sync.
+
+    With ``S`` = :func:`tikhonov_inverse_spectrum` of the bases' eigenvalues this computes what
+    :func:`kronecker_tikhonov_solve_eigh` computes, except that it multiplies by the stored
+    reciprocal instead of dividing (a last-bit rounding difference). A basis of None is the
+    identity (a diagonal factor). Computed in at least float32, returned in ``V``'s dtype.
+    """
+    zero = inverse_spectrum.new_zeros(inverse_spectrum.shape[-2:-1])
+    return _eigenbasis_solve(
+        gradient_matrix,
+        (zero, gradient_basis),
+        (inverse_spectrum.new_zeros(inverse_spectrum.shape[-1:]), activation_basis),
+        lambda g, a: inverse_spectrum,
+        divide=False,
     )
 
 
@@ -594,17 +784,29 @@ def _eigenbasis_solve(
     gradient_eig: tuple[Tensor, Tensor | None],
     activation_eig: tuple[Tensor, Tensor | None],
     spectrum: Callable[[Tensor, Tensor], Tensor],
+    *,
+    divide: bool,
 ) -> Tensor:
-    """``Q_G [(Q_Gᵀ V Q_A) ⊘ spectrum(g, a)] Q_Aᵀ`` in at least float32, back in V's dtype."""
+    """``Q_G [(Q_Gᵀ V Q_A) ⊘ spectrum(g, a)] Q_Aᵀ`` (``divide``) or ``⊙`` (not), in at least
+    float32, back in V's dtype."""
     g, q_g = gradient_eig
     a, q_a = activation_eig
     _check_kronecker_shapes(gradient_matrix, g.shape[-1], a.shape[-1])
     dtype = _accumulation_dtype(gradient_matrix.dtype, g.dtype, a.dtype)
     q_g = None if q_g is None else q_g.to(dtype)
     q_a = None if q_a is None else q_a.to(dtype)
-    rotated = _rotate(gradient_matrix.to(dtype), q_g, q_a)
-    divisor = spectrum(g.to(dtype), a.to(dtype))
-    return _rotate(rotated / divisor, q_g, q_a, back=True).to(gradient_matrix.dtype)
+    matrix = gradient_matrix.to(dtype)
+    rotated = _rotate(matrix, q_g, q_a)
+    scale = spectrum(g.to(dtype), a.to(dtype)).to(dtype)
+    if rotated is matrix or rotated.shape != scale.shape:
+        # Both bases are identities (the input itself: not to be overwritten) or the
+        # spectrum broadcasts over a batch: out of place.
+        rotated = rotated / scale if divide else rotated * scale
+    elif divide:
+        rotated.div_(scale)  # in place: saves allocating a fourth d_G × d_A temporary
+    else:
+        rotated.mul_(scale)
+    return _rotate(rotated, q_g, q_a, back=True).to(gradient_matrix.dtype)
 
 
 def _left(inverse: Tensor, matrix: Tensor) -> Tensor:

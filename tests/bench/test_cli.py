@@ -281,16 +281,3 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
         assert opt in text
     assert cli.main(["bench", "overhead", "--help"]) == 0
     assert "--widths" in capsys.readouterr().out
-
-
-def test_overhead_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "ov"
-    assert cli.main(["bench", "overhead", "--quick", "--optimizers", "sgd,kfac,sam",
-                     "--out", str(out), "--quiet"]) == 0  # fmt: skip
-    with (out / "overhead.csv").open(encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    # adamw (the reference, added) + 3 optimizers on 2 MLP widths, the CNN, the transformer.
-    assert len(rows) == 4 * 4
-    assert all(float(r["median_rel"]) == 1.0 for r in rows if r["optimizer"] == "adamw")
-    assert (out / "overhead.png").stat().st_size > 1000
-    assert "| transformer | kfac |" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import pickle
 import random
 import tarfile
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,95 @@ def test_text_too_short_is_rejected() -> None:
         task.from_text("abc" * 100)
 
 
+# --------------------------------------------------------------------------- SST-2
+
+
+def write_sst2(folder: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, list[str]]:
+    """The benchmark's SST-2 layout with made-up sentences; returns the lines written."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = {}
+    for split, n in sizes.items():
+        rows = [f"{split} phrase {i} , it 's \"quoted\" {rng.choice(['good', 'bad'])}\t{i % 2}"
+                for i in range(n)]  # fmt: skip
+        (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+        lines[split] = rows
+    return lines
+
+
+def test_sst2_tsv_reader_keeps_quotes_and_rejects_bad_rows(tmp_path: Path) -> None:
+    write_sst2(tmp_path, {"train": 5})
+    part = D.read_sst2_tsv(tmp_path / "train.tsv")
+    assert len(part) == 5 and part.labels == (0, 1, 0, 1, 0)
+    assert part.sentences[0].startswith('train phrase 0 , it \'s "quoted" ')
+    (tmp_path / "bad.tsv").write_text("sentence\tlabel\nfine\t1\nbroken\t7\n")
+    with pytest.raises(ValueError, match=r"bad.tsv:3: expected"):
+        D.read_sst2_tsv(tmp_path / "bad.tsv")
+    (tmp_path / "header.tsv").write_text("text\tlabel\nfine\t1\n")
+    with pytest.raises(ValueError, match="header"):
+        D.read_sst2_tsv(tmp_path / "header.tsv")
+
+
+def test_sst2_from_shared_data(no_network: None) -> None:
+    path = D.find_data_file("sst2/train.tsv")
+    if path is None:
+        pytest.skip("shared/data/sst2 is not present")
+    folder, splits = D.load_sst2()
+    assert folder == path.parent
+    assert {k: len(v) for k, v in splits.items()} == {"train": 60614, "dev": 6735, "test": 872}
+    assert set(splits["test"].labels) == {0, 1}
+
+
+def test_sst2_explicit_folder_env_and_helpful_error(
+    isolated: Path, no_network: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(DataNotFoundError) as info:
+        D.resolve_sst2_dir(None, download=False)
+    msg = str(info.value)
+    assert "sst2" in msg and "--data" in msg and "--download" in msg
+    write_sst2(isolated / "mine" / "sst2", {"train": 4, "dev": 2, "test": 2})
+    # the folder itself, or one holding sst2/
+    assert D.resolve_sst2_dir(isolated / "mine" / "sst2", False) == isolated / "mine" / "sst2"
+    assert D.resolve_sst2_dir(isolated / "mine", False) == isolated / "mine" / "sst2"
+    (isolated / "mine" / "sst2" / "test.tsv").unlink()
+    with pytest.raises(DataNotFoundError, match=r"missing test.tsv"):
+        D.resolve_sst2_dir(isolated / "mine" / "sst2", False)
+    write_sst2(isolated / "dd" / "sst2", {"train": 4, "dev": 2, "test": 2})
+    monkeypatch.setenv("GRNG_DATA_DIR", str(isolated / "dd"))
+    assert D.resolve_sst2_dir(None, False) == isolated / "dd" / "sst2"
+
+
+def test_sst2_download_builds_the_layout_from_glue(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    glue = isolated / "glue"
+    write_sst2(glue, {"train": 100, "dev": 12})
+    fetched: list[str] = []
+
+    def fake_download(url: str, dest: Path) -> Path:
+        fetched.append(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(dest, "w") as zf:
+            for name in ("train", "dev"):
+                zf.write(glue / f"{name}.tsv", f"SST-2/{name}.tsv")
+            zf.writestr("SST-2/test.tsv", "index\tsentence\n0\tunlabelled\n")
+        return dest
+
+    monkeypatch.setattr(D, "download_file", fake_download)
+    folder = D.resolve_sst2_dir(None, download=True)
+    assert fetched == [D.SST2_URL] and folder == isolated / "cache" / "sst2"
+    parts = {k: D.read_sst2_tsv(folder / f) for k, f in D.SST2_FILES.items()}
+    assert (len(parts["train"]), len(parts["dev"]), len(parts["test"])) == (90, 10, 12)
+    original = D.read_sst2_tsv(glue / "train.tsv")
+    pairs = set(zip(original.sentences, original.labels, strict=True))
+    for name in ("train", "dev"):
+        assert set(zip(parts[name].sentences, parts[name].labels, strict=True)) <= pairs
+    assert not set(parts["train"].sentences) & set(parts["dev"].sentences)
+    assert parts["test"] == D.read_sst2_tsv(glue / "dev.tsv")
+    # found in the cache from now on: nothing fetched again
+    assert D.resolve_sst2_dir(None, download=True) == folder and len(fetched) == 1
+
+
 # --------------------------------------------------------------------------- CIFAR
 
 
@@ -269,9 +359,11 @@ def test_augmentation_shape_determinism_and_effect() -> None:
 def test_unknown_task_lists_valid_names() -> None:
     with pytest.raises(ValueError) as info:
         get_task("imagenet")
-    for name in ("mnist1d-mlp", "mnist1d-cnn", "shakespeare-char", "cifar10", "cifar100"):
+    names = {"mnist1d-mlp", "mnist1d-cnn", "shakespeare-char", "sst2-minilm", "cifar10",
+             "cifar100"}  # fmt: skip
+    for name in names:
         assert name in str(info.value)
-    assert set(TASKS) == {"mnist1d-mlp", "mnist1d-cnn", "shakespeare-char", "cifar10", "cifar100"}
+    assert set(TASKS) == names
 
 
 def test_task_metadata_and_target_logic() -> None:

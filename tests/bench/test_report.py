@@ -69,3 +69,32 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     records = [rec("adamw", s, 0.5, None, 1.0, curves=curves) for s in (1, 2)]
     report.plot_task(records, task, ["adamw"], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def timing(opt: str, median_ms: float, mean_ms: float, group: str = "g1") -> dict[str, Any]:
+    return {"task": "mnist1d-mlp", "optimizer": opt, "phase": "timing", "lr": 0.01, "seed": 1,
+            "status": "ok", "timing_group": group, "rounds": 100,
+            "median_step_seconds": median_ms / 1e3, "mean_step_seconds": mean_ms / 1e3}  # fmt: skip
+
+
+def test_step_time_comes_from_the_newest_interleaved_timing() -> None:
+    tasks = {"mnist1d-mlp": get_task("mnist1d-mlp")}
+    runs = [rec("adamw", 1, 0.6, 100, 1.0), rec("kfac", 1, 0.7, 100, 9.0)]
+    old = [timing("adamw", 5.0, 5.0, "g0"), timing("kfac", 5.0, 5.0, "g0")]
+    new = [timing("adamw", 1.0, 1.5, "g1"), timing("kfac", 2.5, 6.0, "g1")]
+    rows = report.summarize(runs + old + new, tasks, ["adamw", "kfac"])
+    a, k = rows
+    assert k["step_time_source"] == "interleaved" and k["timing_rounds"] == 100
+    assert k["median_step_ms"] == pytest.approx(2.5) and k["mean_step_ms"] == pytest.approx(6.0)
+    assert k["step_time_vs_adamw"] == pytest.approx(2.5)
+    assert k["mean_step_time_vs_adamw"] == pytest.approx(4.0)
+    assert k["run_median_step_ms"] == pytest.approx(9.0)  # the run's own wall clock, kept
+    assert a["step_time_vs_adamw"] == 1.0
+    table = report.format_table(rows, tasks["mnist1d-mlp"])
+    assert "| kfac | 0.01 | 0.700 ± 0.000 | 100 | 1.00 | 2.50 |" in table
+    assert "median step time in 100 interleaved rounds" in table
+    # Without a timing (older results): the runs' medians, and the note says so.
+    rows = report.summarize(runs, tasks, ["adamw", "kfac"])
+    assert rows[1]["step_time_source"] == "runs" and rows[1]["step_time_vs_adamw"] == 9.0
+    assert rows[1]["mean_step_ms"] is None
+    assert "ran one after another" in report.format_table(rows, tasks["mnist1d-mlp"])

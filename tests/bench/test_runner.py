@@ -7,6 +7,7 @@ import inspect
 import itertools
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,73 @@ def test_run_log_skips_a_line_cut_short(tmp_path: Path) -> None:
     again = R.RunLog(path)
     assert again.records == [rec]
     assert again.finished() == {("t", "o", "0.1", 1, "final")}
+
+
+def test_round_robin_interleaves_and_drops_a_failing_step() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def step(name: str) -> Any:
+        return lambda i: calls.append((name, i))
+
+    def failing(i: int) -> None:
+        calls.append(("bad", i))
+        if i == 2:
+            raise ValueError("broken at round 2")
+
+    rounds: list[int] = []
+    steps = {"a": step("a"), "b": step("b"), "c": step("c"), "bad": failing}
+    times, errors = R.round_robin(steps, rounds=6, warmup=2, device=torch.device("cpu"),
+                                  seed=3, on_round=lambda: rounds.append(1))  # fmt: skip
+    assert errors == {"bad": "ValueError: broken at round 2"} and set(times) == {"a", "b", "c"}
+    assert all(len(t) == 6 and min(t) >= 0 for t in times.values())  # warm-up untimed
+    assert len(rounds) == 8
+    per_round = [[n for n, i in calls if i == r] for r in range(8)]
+    assert per_round[0] == per_round[1] == ["a", "b", "c", "bad"]  # warm-up: given order
+    assert all(sorted(r) == ["a", "b", "c"] for r in per_round[3:])  # once each, bad dropped
+    assert len({tuple(r) for r in per_round[3:]}) > 1  # timed rounds: shuffled
+
+
+def test_time_task_times_every_optimizer_in_the_same_rounds() -> None:
+    task = get_task("mnist1d-mlp")
+    data = task.load(quick=True)
+    proto = R.Protocol(quick=True, batch_size=16, timing_rounds=4, timing_warmup=1)
+    entries = [(O.get_optimizer("adamw"), 1e-3), (O.get_optimizer("sgd"), 0.05)]
+    records = R.time_task(task, data, entries, proto, torch.device("cpu"))
+    assert [r["optimizer"] for r in records] == ["adamw", "sgd"]
+    assert len({r["timing_group"] for r in records}) == 1
+    for r in records:
+        assert r["status"] == "ok" and r["phase"] == "timing" and len(r["step_seconds"]) == 4
+        assert r["median_step_seconds"] == statistics.median(r["step_seconds"])
+        assert (r["rounds"], r["warmup_rounds"], r["batch_size"]) == (4, 1, 16)
+    assert records[1]["lr"] == 0.05
+    assert R.latest_timing(records, task.name) == {r["optimizer"]: r for r in records}
+    assert R.Protocol().rounds_for_timing == R.TIMING_ROUNDS
+    assert R.Protocol(quick=True).rounds_for_timing == R.QUICK_TIMING_ROUNDS
+
+
+def test_suite_appends_one_timing_per_task_and_resume_keeps_it(tmp_path: Path) -> None:
+    task = get_task("mnist1d-mlp")
+    tasks = {task.name: (task, task.load(quick=True))}
+    proto = R.Protocol(steps=4, lr_grid=1, seeds=1, eval_every=2, hessian_iters=0, quick=True,
+                       batch_size=16, timing_rounds=3, timing_warmup=0)  # fmt: skip
+    log = R.RunLog(tmp_path / "runs.jsonl", stamp={"commit": "abc"})
+    specs = [O.get_optimizer("sgd")]
+    steps: list[int] = []
+    records = R.run_suite(tasks, specs, proto, log, torch.device("cpu"), steps.append)
+    assert sum(steps) == R.total_steps(1, 1, proto) == 4 + 4 + 3
+    timing = [json.loads(line) for line in (tmp_path / "timing.jsonl").read_text().splitlines()]
+    # AdamW, the reference, is timed though it is not compared; runs.jsonl holds runs only.
+    assert [r["optimizer"] for r in timing] == ["adamw", "sgd"]
+    assert all(r["commit"] == "abc" and r["lr"] for r in timing)
+    assert timing[1]["lr"] == records[0]["lr"]  # the chosen rate
+    assert [r["phase"] for r in records] == ["tune", "final", "timing", "timing"]
+    assert all(r["phase"] != "timing" for r in R.RunLog(tmp_path / "runs.jsonl").records)
+    again = R.run_suite(tasks, specs, proto, R.RunLog(tmp_path / "runs.jsonl"),
+                        torch.device("cpu"))  # fmt: skip
+    assert len((tmp_path / "timing.jsonl").read_text().splitlines()) == 2  # not redone
+    assert [r["timing_group"] for r in again if r["phase"] == "timing"] == [
+        timing[0]["timing_group"]
+    ] * 2
+    # timing_rounds=0: no timing, and the progress total has none.
+    off = R.Protocol(steps=4, lr_grid=1, seeds=1, quick=True, timing_rounds=0)
+    assert R.total_steps(1, 1, off) == 8

@@ -18,6 +18,7 @@ from tests.cases import (
     make,
     mc_cross_entropy,
     mlp,
+    run_through_refresh,
     snapshot,
     train_step,
 )
@@ -60,19 +61,27 @@ def test_nonfinite_step_changes_nothing_counts_and_warns_once(name):
     x, y = batch(3)
     x[0, 0] = float("nan")  # poisons activations, statistics and gradients
     before = snapshot(model, optimizer, counters=True)
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        _step(name, model, optimizer, x, y)  # step 3: not a capture step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # an ordinary step reads nothing back
+        _step(name, model, optimizer, x, y)  # step 3: neither a capture nor a refresh step
     after = snapshot(model, optimizer, counters=True)
     assert_same(before[0], after[0])
     for key, entry in before[1].items():
         if key != "counters":
             assert_same(entry, after[1][key])
     assert optimizer.nonfinite_steps == 1
+    # Reported once, at the end of the next refresh step (step 4; step 50 for R-Kalman).
+    with pytest.warns(RuntimeWarning, match="non-finite") as caught:
+        _step(name, model, optimizer, x, y)  # step 4: a capture step, skipped too
+        assert optimizer.nonfinite_steps == 2
+        assert_same(before[0], list(model.parameters()))
+        run_through_refresh(name, model, optimizer)
+    assert len([w for w in caught if "non-finite" in str(w.message)]) == 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        _step(name, model, optimizer, x, y)  # step 4: a capture step, no second warning
-    assert optimizer.nonfinite_steps == 2
-    assert_same(before[0], list(model.parameters()))
+        warnings.simplefilter("error", RuntimeWarning)  # warned once only
+        _step(name, model, optimizer, x, y)
+        run_through_refresh(name, model, optimizer)
+    assert optimizer.nonfinite_steps == 3
     _step(name, model, optimizer, *batch(5))  # and training goes on
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -420,3 +421,123 @@ def test_mc_fisher_feeds_the_factors_and_trains():
     assert loss.item() < first
     with pytest.raises(RuntimeError, match="fisher='mc'"):
         grng.KFAC(tiny_mlp()).backward_fisher(logits)
+
+
+# ------------------------------------------------------- refresh and preconditioning costs
+@pytest.mark.parametrize("damping_form", ["factored", "exact"])
+def test_stored_inverse_spectrum_changes_nothing(damping_form):
+    """inverse="eigh" with constant damping divides by a spectrum built once per refresh; a
+    twin that rebuilds it every step (the cache emptied) moves the parameters bit for bit
+    alike, through refreshes (new eigenvalues) and a damping change (new γ)."""
+    models = [tiny_mlp(), tiny_mlp()]
+    kwargs = dict(
+        lr=0.5, damping=0.1, inverse="eigh", damping_form=damping_form,
+        factor_update_freq=1, inverse_update_freq=3, kl_clip=None,
+    )  # fmt: skip
+    cached, rebuilt = (grng.KFAC(m, **kwargs) for m in models)
+    for step in range(10):
+        if step == 5:
+            for optimizer in (cached, rebuilt):
+                optimizer.param_groups[0]["damping"] = 0.02
+        rebuilt._spectra.clear()
+        for model, optimizer in zip(models, (cached, rebuilt), strict=True):
+            _step(model, optimizer, *batch(step, 32, features=4))
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert torch.equal(p, q), step
+    assert set(cached._spectra) == {"0", "2"}
+
+
+def test_warm_started_newton_schulz_where_preferred(monkeypatch):
+    """Off CPU the refresh warm-starts Newton–Schulz from the previous inverses (forced here):
+    after the first refresh the dense factors are inverted that way, each inverse meets
+    inverse_tol against the dense float64 inverse of the damped running factor, and the
+    steps agree with the CPU route (Cholesky) to that accuracy."""
+    import grng.optim.kfac as kfac_module
+
+    tol = 1e-9
+    kwargs = dict(lr=0.5, damping=0.1, factor_update_freq=1, inverse_update_freq=2,
+                  inverse="newton_schulz", inverse_tol=tol, kl_clip=None)  # fmt: skip
+    models = [tiny_mlp(), tiny_mlp()]
+    cholesky = grng.KFAC(models[0], **kwargs)
+    warm = grng.KFAC(models[1], **kwargs)
+    methods = []
+    for step in range(7):
+        xb, yb = batch(step, 32, features=4)
+        d_cholesky = _update(models[0], cholesky, xb, yb)
+        with monkeypatch.context() as patch:
+            patch.setattr(kfac_module, "prefers_newton_schulz", lambda device: True)
+            d_warm = _update(models[1], warm, xb, yb)
+        torch.testing.assert_close(d_warm, d_cholesky, rtol=1e-6, atol=1e-12)
+        if step % 2 == 0:
+            for name in ("0", "2"):
+                state = warm.named_state(f"layer:{name}")
+                methods.append(state["activation_inverse_method"])
+                gamma = torch.tensor(0.1)
+                root = gamma.sqrt()
+                for side, damping in (("activation", root * state["pi"]),
+                                      ("gradient", root / state["pi"])):  # fmt: skip
+                    factor = state[f"{side}_factor"]
+                    exact = torch.linalg.inv(factor + damping * torch.eye(factor.shape[0]))
+                    error = torch.linalg.matrix_norm(state[f"{side}_inverse"] - exact)
+                    bound = factor.shape[0] ** 0.5 * tol * torch.linalg.matrix_norm(exact, ord=2)
+                    assert error <= bound * 1.01
+    assert methods[:2] == ["cholesky", "cholesky"]  # no previous inverse at the first refresh
+    assert set(methods[2:]) == {"newton_schulz"}
+    for state_method in (cholesky.named_state("layer:0")["activation_inverse_method"],):
+        assert state_method == "cholesky"
+
+
+def test_newton_schulz_refresh_reads_back_once_per_dense_factor(monkeypatch):
+    """A refresh on CPU (Cholesky route) costs one host read per dense factor, plus two for
+    the whole refresh (its finiteness flag, the blocks' update counters). Before, every
+    factor took one read per Newton–Schulz iteration (601 reads per refresh on the 4-layer
+    character transformer; benchmarks/refresh_cost.py)."""
+    model = mlp((5, 8, 8, 3), layer_norm=False)
+    optimizer = grng.KFAC(model, factor_update_freq=1, inverse_update_freq=2)
+    reads = {"count": 0, "inside": False}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(t, *args, _original=original):
+            reads["count"] += reads["inside"]
+            return _original(t, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    refresh = optimizer._refresh_curvature
+
+    def counted_refresh(*args):
+        reads["inside"] = True
+        try:
+            refresh(*args)
+        finally:
+            reads["inside"] = False
+
+    monkeypatch.setattr(optimizer, "_refresh_curvature", counted_refresh)
+    counts = []
+    for step in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(batch(step, 16)[0]), batch(step, 16)[1]).backward()
+        reads["count"] = 0
+        optimizer.step()
+        counts.append(reads["count"])
+    monkeypatch.undo()
+    assert counts == [2 * len(optimizer.layers) + 2, 0, 2 * len(optimizer.layers) + 2]
+
+
+def test_construction_states_the_refresh_cost_of_expensive_dense_sides():
+    """A dense side estimated to take over a second to refresh on one CPU core is named with
+    its estimate (c·d³, c measured by benchmarks/factor_cost.py) and the cap that would
+    make it diagonal; sides below that, or kept diagonal by the cap, are not."""
+    model = nn.Sequential(nn.Linear(3000, 8), nn.Linear(8, 4))  # A of the first: 3001 wide
+    with pytest.warns(grng.CoverageWarning, match=r"RING: 1 dense factor side.*0 A \(3001\) ≈ 2\.4 s") as record:  # fmt: skip
+        optimizer = grng.RING(model)
+    (message,) = [str(w.message) for w in record if "refresh" in str(w.message)]
+    assert "max_factor_dim=3000" in message
+    assert optimizer.refresh_seconds(3001) == pytest.approx(9e-11 * 3001**3)
+    kfac = grng.KFAC(model)  # the Cholesky route: 6.5e-11·d³ ≈ 1.8 s
+    assert kfac.refresh_seconds(3001) == pytest.approx(1.757, rel=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grng.RING(model, max_factor_dim=2048)  # the side is diagonal: nothing to refresh
+        grng.RING(nn.Linear(2000, 8))  # 2001³·9e-11 ≈ 0.72 s: not expensive
+    assert not [w for w in caught if "to refresh on CPU" in str(w.message)]

@@ -142,8 +142,10 @@ class _Ledger:
         estimate = self.optimizer.capture.estimates()[self.layer.name]
         factors = {"activation": estimate.activation_factor, "gradient": estimate.gradient_factor}
         rows = {"activation": estimate.activation_rows, "gradient": estimate.gradient_rows}
-        for side in factors:  # the rows are kept exactly: U Uᵀ is the factor estimate
-            torch.testing.assert_close(rows[side].T @ rows[side], factors[side])
+        for side in factors:  # the rows are kept exactly: U Uᵀ is the factor estimate,
+            full = rows[side].T @ rows[side]  # of which R-Kalman's capture has the diagonal
+            torch.testing.assert_close(full.diagonal(), factors[side])
+            factors[side] = full
         if self.pi is None:
             self.pi = pi_correction(factors["activation"], factors["gradient"]).item()
         floor = self.split()

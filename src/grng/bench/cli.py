@@ -3,7 +3,8 @@
 ::
 
     grng bench [options]            # tune + seeded runs, then summary.md/.csv and plots
-    grng bench overhead [options]   # step time and memory relative to AdamW vs model size
+    grng bench overhead [options]   # step time and memory relative to AdamW, interleaved
+    grng bench ablate [options]     # rho ablation of RING, RENG and R-Kalman
     python -m grng.bench [options]  # same as ``grng bench``
 
 Bad input (unknown task or optimizer, missing data, unusable values) prints one line
@@ -26,7 +27,7 @@ import torch
 
 import grng
 from grng.bench.optimizers import OPTIMIZERS, get_optimizer
-from grng.bench.tasks import TASKS, DataNotFoundError, Task, TaskData, get_task
+from grng.bench.tasks import SUITES, TASKS, DataNotFoundError, Task, TaskData, get_task
 
 __all__ = ["main"]
 
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hessian-iters", type=int, default=None,
                        help="power iterations for the top Hessian eigenvalue at the end of "
                             "each reported run; 0 skips it (default 20)")  # fmt: skip
+    bench.add_argument("--hessian-batch", type=_positive_int, default=None,
+                       help="training examples the top Hessian eigenvalue is measured on "
+                            "(default 512; --quick: 64)")  # fmt: skip
     bench.add_argument("--samples", type=_positive_int, default=None,
                        help="mnist1d: examples generated (default 5000); shakespeare: "
                             "characters kept; cifar: training images kept")  # fmt: skip
@@ -144,29 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="smoke-sized suite (small data and models, "
                             f"{QUICK['steps']} steps, grid {QUICK['lr_grid']}, "
                             f"{QUICK['seeds']} seeds); explicit options still win")  # fmt: skip
+    bench.add_argument("--suite", choices=list(SUITES), default=None,
+                       help="a preset: its tasks (or those of --tasks), each run as its "
+                            "own suite in OUT/<task>/ with the protocol sized for it "
+                            "(explicit options win; with --quick, the quick sizes); "
+                            "'language': sst2-minilm and shakespeare-char at full size, "
+                            "see docs/benchmark.md")  # fmt: skip
     bsub = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
+    from grng.bench import overhead
+
     over = bsub.add_parser(
         "overhead",
-        help="step time and memory of every optimizer relative to AdamW",
-        description=(
-            "Median step time and persistent memory (parameters + gradients + optimizer "
-            "state) of every optimizer relative to AdamW on the mnist1d MLP at hidden widths "
-            "256, 512, 1024, 2048, the Conv1d net and the small char transformer. Prints a "
-            "table, writes OUT/overhead.md, OUT/overhead.csv and OUT/overhead.png."
-        ),
+        help="step time and memory of every optimizer relative to AdamW, measured interleaved",
+        description=overhead.DESCRIPTION,
+    )
+    overhead.add_arguments(over)
+    from grng.bench import ablate
+
+    abl = bsub.add_parser(
+        "ablate",
+        help="rho ablation of RING, RENG and R-Kalman",
+        description=ablate.DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_common(over)
-    over.add_argument("--widths", type=str, default="256,512,1024,2048",
-                      help="MLP hidden widths")  # fmt: skip
-    over.add_argument("--steps", type=_positive_int, default=20,
-                      help="timed steps per optimizer and model (after 3 warm-up steps)")  # fmt: skip
-    over.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch intra-op threads (default: all cores)")  # fmt: skip
-    over.add_argument("--out", type=Path, default=None,
-                      help="results folder (default runs/overhead-<timestamp>)")  # fmt: skip
-    over.add_argument("--quick", action="store_true",
-                      help="tiny widths and models, 2 timed steps (smoke test)")  # fmt: skip
+    ablate.add_arguments(abl)
     return root
 
 
@@ -205,7 +210,7 @@ def _load_tasks(args: argparse.Namespace) -> dict[str, tuple[Task, TaskData]]:
             raise UsageError(
                 f"{name}: data not found: {msg} (pass --data PATH, or --download)"
             ) from None
-        except ValueError as exc:  # e.g. --samples too small for the splits
+        except (ValueError, ImportError) as exc:  # --samples too small; a missing extra
             raise UsageError(f"{name}: {exc}") from None
         loaded[name] = (task, data)
     return loaded
@@ -235,12 +240,16 @@ def _protocol(args: argparse.Namespace) -> Any:
         seeds=pick(args.seeds, "seeds", defaults.seeds),
         eval_every=pick(args.eval_every, "eval_every", defaults.eval_every),
         hessian_iters=hess,
-        hessian_batch=QUICK["hessian_batch"] if args.quick else defaults.hessian_batch,
+        hessian_batch=pick(
+            getattr(args, "hessian_batch", None), "hessian_batch", defaults.hessian_batch
+        ),
         checkpoint_every=(
             defaults.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every
         ),
         quick=args.quick,
         samples=args.samples,
+        # A --suite preset's interleaved-timing rounds (no option of its own).
+        **({"timing_rounds": args.timing_rounds} if getattr(args, "timing_rounds", None) else {}),
     )
 
 
@@ -262,7 +271,31 @@ def _prepare_out(args: argparse.Namespace, config: dict[str, Any]) -> Path:
     return out
 
 
+def _run_preset(args: argparse.Namespace) -> int:
+    """``--suite NAME``: every entry of the preset (those of ``--tasks`` when it is given)
+    as its own suite in ``OUT/<task>/``."""
+    entries = SUITES[args.suite]
+    if args.tasks != _names(DEFAULT_TASKS):  # --tasks given: a part of the preset
+        unknown = [t for t in args.tasks if t not in {e.task for e in entries}]
+        if unknown:
+            raise UsageError(f"--suite {args.suite} has no task {unknown[0]!r}; its tasks: "
+                             f"{', '.join(e.task for e in entries)}")  # fmt: skip
+        entries = tuple(e for e in entries if e.task in args.tasks)
+    base: Path = args.out or Path("runs") / f"{args.suite}-{_timestamp()}"
+    status = 0
+    for entry in entries:
+        sub = argparse.Namespace(**vars(args))
+        sub.suite, sub.tasks, sub.out = None, [entry.task], base / entry.task
+        for key, value in asdict(entry).items():
+            if key != "task" and not args.quick and getattr(sub, key, None) is None:
+                setattr(sub, key, value)
+        status = max(status, _run_bench(sub))
+    return status
+
+
 def _run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "suite", None) is not None:
+        return _run_preset(args)
     from grng.bench import report
     from grng.bench.runner import RunLog, git_commit, run_suite, total_steps
 
@@ -344,29 +377,10 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _run_overhead(args: argparse.Namespace) -> int:
     from grng.bench import overhead
 
-    device = _check_common(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
-        widths = [int(w) for w in args.widths.split(",") if w.strip()]
-    except ValueError:
-        raise UsageError(
-            f"--widths: expected comma-separated integers, got {args.widths!r}"
-        ) from None
-    if not widths or min(widths) <= 0:
-        raise UsageError(f"--widths: expected positive integers, got {args.widths!r}")
-    out: Path = args.out or Path("runs") / f"overhead-{_timestamp()}"
-    out.mkdir(parents=True, exist_ok=True)
-    overhead.run(
-        optimizers=[get_optimizer(n) for n in args.optimizers],
-        widths=widths,
-        steps=2 if args.quick and args.steps == 20 else args.steps,
-        quick=args.quick,
-        device=device,
-        out=out,
-        progress=not args.quiet,
-    )
-    return 0
+        return overhead.main(args)
+    except ValueError as exc:  # unknown names, no CUDA, bad --widths
+        raise UsageError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -376,6 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "bench" and args.bench_command == "overhead":
             return _run_overhead(args)
+        if args.command == "bench" and args.bench_command == "ablate":
+            from grng.bench import ablate
+
+            return ablate.run(args)
         return _run_bench(args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

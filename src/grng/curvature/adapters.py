@@ -23,6 +23,7 @@ parameters) gets the diagonal fallback, which ``optimizer.coverage()`` reports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -157,7 +158,9 @@ class EmbeddingAdapter(LayerAdapter):
         inputs: Tensor,
         diagonal: bool,
         dtype: torch.dtype,
+        select: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, int, Tensor | None]:
+        # Exact from every token (a bincount), so ``select`` is not needed.
         if not diagonal:
             raise ValueError(f"{layer.name}: an embedding's token factor is diagonal")
         tokens = inputs.reshape(-1)

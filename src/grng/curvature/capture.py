@@ -13,7 +13,10 @@ back-propagated contributes nothing, and a layer used twice in one forward
 contributes both calls, each matched with its own gradient.
 
 Sums are kept in float32 (float64 if the parameters are float64), whatever
-dtype autocast computes the layer in.
+dtype autocast computes the layer in, and are computed in it too: the gradient
+hook switches autocast off, since a ``loss.backward()`` inside a
+``torch.autocast`` block runs it with autocast on, and there ``aᵀa`` was a
+bfloat16 matmul (2.4e-3 relative error in ``A`` on a BERT classifier).
 
 Normalisation. ``G`` estimates ``(1/M) Σ_rows g gᵀ``, where ``g = ∂ℓ_i/∂s`` are
 the output gradients of the individual terms of a loss ``(1/M) Σ_i ℓ_i`` (or
@@ -75,12 +78,63 @@ by ``M_p``)::
 A random subset rather than the first ``k`` rows: convolution and sequence rows
 are ordered example-major, so the first rows would be the positions of one
 example.
+
+Row subsets (``max_statistics_rows=c``; the optimizers' default is
+``CurvatureOptions.max_statistics_rows``): a dense sum ``Σ r rᵀ`` over the
+``n > c`` rows of one call (activation rows, or output-gradient rows ``ĝ``) is
+estimated from at most ``c`` of them. Row ``i`` is drawn with probability
+``π_i = min(1, κ‖r_i‖²)``, ``κ`` such that ``Σ π = c``
+(:func:`inclusion_probabilities`), by systematic sampling over the rows in a
+random order (each row is drawn at most once, with probability exactly
+``π_i``), and weighted by ``1/π_i``::
+
+    Σ_{i ∈ S} r_i r_iᵀ / π_i,      E_S[·] = Σ_i π_i r_i r_iᵀ / π_i = Σ_i r_i r_iᵀ
+
+(Horvitz–Thompson). The sum itself results when ``n ≤ c``, when at most ``c``
+rows are nonzero (they all get ``π = 1``, zero rows are never drawn; e.g. the
+gradient rows of the positions a classifier's loss reads), and for a side
+narrower than ``MIN_SUBSET_WIDTH`` (below). Drawing
+proportionally to ``‖r‖²`` (length-squared sampling, which minimises the
+expected squared Frobenius error of such a sum among draws with replacement;
+Drineas, Kannan & Mahoney 2006) and not uniformly: on a BERT classifier the
+gradient rows that carry the loss are 32 of 4096 (its ``[CLS]`` positions), and
+a uniform 1024 of them gave ``G`` with a relative error of about 1
+(``docs/algorithms.md``, "Capture cost"). The counts (``rows_A``, examples,
+uses, ``M_p``) are those of every row, so the normalisation above is unchanged
+and the estimated ``A`` and ``G`` are unbiased; so is accumulation, a sum of
+unbiased per-call estimates. The draw is over the call's whole flattened batch
+(every example and position of a sequence or convolution). The activation and
+gradient subsets are drawn independently: no statistic here pairs activation
+row ``i`` with gradient row ``i`` (``A`` and ``G`` are separate sums), and
+independent draws make ``Â`` and ``Ĝ`` independent, so that
+``E[Â ⊗ Ĝ] = A ⊗ G`` also holds (a shared subset would add their covariance).
+A diagonal sum (``Σ a²``, linear in the rows like the draw itself) uses every
+row, and so does an adapter's own statistic (an embedding's token counts) and a
+side narrower than ``MIN_SUBSET_WIDTH`` = 128: the draw costs about 75 ns per row
+(a row norm, a sort, a ``randperm``, a gather), as much as the dense sum's ``2d²``
+flops per row at ``d`` ≈ 64–100 (``benchmarks/statistics_rows.py``, "break-even",
+on the CPU of ``docs/algorithms.md``), so a narrower side would not get cheaper. A
+non-finite row makes the estimate non-finite, drawn or not, so the step's
+finiteness check still sees it. The draw is seeded by ``row_seed`` (the
+optimizers set it per step), the layer, the call and the side, in a stream
+apart from the row store's, so a run is reproducible and a resumed run draws
+the same subsets. It costs a row norm (``O(n·d)``), a sort and a ``randperm``
+of ``n`` per call and side, and makes a dense sum ``O(c·d²)`` instead of
+``O(n·d²)``; the error it adds is measured in ``docs/algorithms.md``.
+
+What is computed (``statistics``): ``"factors"`` (default) as above;
+``"diagonals"`` estimates only the diagonal of every side, ``Σ a²`` and
+``Σ ĝ²`` over every row, normalised as above (``O(rows·d)``, no dense sum), for
+an optimizer that reads no more of the factors: R-Kalman reads their traces
+(π, the finiteness check), the full diagonal of a diagonal side and the row
+store. ``FactorEstimate``'s factors are then vectors: the diagonals of the
+factors that ``"factors"`` gives, up to the order of summation.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +143,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from grng._precision import autocast_disabled
 from grng.curvature.layers import KroneckerLayer, modules_using
 
 
@@ -109,9 +164,44 @@ class _LayerSums:
     gradient_kept: list[Tensor] = field(default_factory=list)
 
 
+#: Sides narrower than this sum every row even above ``max_statistics_rows``: the draw
+#: costs about as much per row as a dense sum of width 64–100 (module docstring).
+MIN_SUBSET_WIDTH = 128
+
+
+def inclusion_probabilities(weight: Tensor, k: int) -> Tensor:
+    """``π_i = min(1, κ w_i)`` with ``κ`` such that ``Σ π = k``, for weights ``w ≥ 0``.
+
+    The rows of the ``m`` largest weights get ``π = 1`` and the others
+    ``(k − m) w_i / Σ_{rest} w``, where ``m`` is the least count for which that is
+    ``≤ 1`` (the capped set is a prefix of the weights in decreasing order). When fewer
+    than ``k`` weights are positive, ``π = 1`` for each of them and 0 for the rest
+    (``Σ π`` is then their number). No host synchronisation.
+    """
+    n = weight.shape[0]
+    ordered, order = weight.sort(descending=True)
+    tail = ordered.flip(0).cumsum(0).flip(0)  # Σ_{i ≥ j} w_i in decreasing order
+    j = torch.arange(n, device=weight.device, dtype=weight.dtype)
+    capped = ((k - j) * ordered >= tail) & (j < k) & (ordered > 0)
+    m = capped.sum()
+    rest = tail[m.clamp_max(n - 1)]
+    rate = torch.where(rest > 0, (k - m) / rest, 0.0)
+    sorted_probability = torch.where(capped, 1.0, (rate * ordered).clamp_max(1.0))
+    return torch.empty_like(weight).scatter_(0, order, sorted_probability)
+
+
+def _statistics_salt(salt: int, side: int) -> int:
+    """The seed salt of a statistics subset: a stream apart from the row store's ``2·salt + side``."""
+    return 2 * salt + side + (1 << 40)
+
+
 @dataclass(frozen=True)
 class FactorEstimate:
-    """One step's estimate of a layer's two Kronecker factors."""
+    """One step's estimate of a layer's two Kronecker factors.
+
+    A factor is a ``(d, d)`` matrix, or its diagonal ``(d,)`` for a diagonal side or
+    when the capture estimates diagonals only (``statistics="diagonals"``).
+    """
 
     activation_factor: Tensor
     gradient_factor: Tensor
@@ -138,6 +228,11 @@ class CurvatureCapture:
         loss_reduction: ``"mean"`` or ``"sum"``, how the training loss reduces
             over its terms (the scale of ``G``, see "Normalisation" in the
             module docstring); Monte-Carlo passes are always means.
+        max_statistics_rows: ``None`` (every row), or the most rows of one call
+            behind a dense sum (see "Row subsets" in the module docstring).
+        statistics: ``"factors"`` (default) estimates the factors; ``"diagonals"``
+            only their diagonals, for an optimizer that reads no more (see
+            "What is computed" in the module docstring; :meth:`set_statistics`).
     """
 
     model: nn.Module
@@ -147,6 +242,8 @@ class CurvatureCapture:
     loss_reduction: str = "mean"
     keep_rows: int | None = None
     row_seed: int = 0
+    max_statistics_rows: int | None = None
+    statistics: str = "factors"
     _paused: int = 0
     _in_fisher_pass: bool = False
     _fisher_terms: int | None = None
@@ -160,6 +257,10 @@ class CurvatureCapture:
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        cap = self.max_statistics_rows
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"max_statistics_rows must be None or an int >= 1, got {cap!r}")
+        self.set_statistics(self.statistics)
         # Each module reports the blocks it computes: its own, and a tied twin's.
         computed_by: dict[nn.Module, list[KroneckerLayer]] = {}
         for layer in self.layers:
@@ -169,6 +270,18 @@ class CurvatureCapture:
             assert layers[0].adapter is not None
             self._handles += layers[0].adapter.attach(module, layers, self)
         self._handles.append(self.model.register_forward_pre_hook(self._count_forward))
+
+    def set_statistics(self, statistics: str) -> None:
+        """Estimate the ``"factors"`` or only their ``"diagonals"`` from the next call on.
+
+        Sets every captured block's :attr:`KroneckerLayer.estimate_diagonals`, which
+        says what shape its estimates have (also to :mod:`grng.distributed`).
+        """
+        if statistics not in ("factors", "diagonals"):
+            raise ValueError(f"statistics must be 'factors' or 'diagonals', got {statistics!r}")
+        self.statistics = statistics
+        for layer in self.layers:
+            layer.estimate_diagonals = statistics == "diagonals"
 
     def remove(self) -> None:
         """Detach every hook from the model."""
@@ -213,7 +326,9 @@ class CurvatureCapture:
             if wanted and self._paused == 0:
                 if columns is not None:
                     grad_output = grad_output[..., columns]
-                self._accumulate(layer, module, activation, grad_output.detach())
+                # Sums in float32 even for a backward run inside torch.autocast.
+                with autocast_disabled(grad_output.device.type):
+                    self._accumulate(layer, module, activation, grad_output.detach())
 
         output.register_hook(on_gradient)
 
@@ -225,17 +340,24 @@ class CurvatureCapture:
             return  # an empty batch carries no statistics (and would make A = 0/0)
         adapter = layer.adapter
         assert adapter is not None
+        sums = self._sums.get(layer.name)
+        calls = 0 if sums is None else sums.calls
+        salt = zlib.crc32(layer.name.encode()) + 1_000_003 * calls
         # ``module`` may be a tied twin of layer.module; its own geometry counts.
         a_sum, a_count, a_rows = adapter.activation_statistic(
-            layer, module, activation, layer.activation_diagonal, dtype
+            layer,
+            module,
+            activation,
+            layer.activation_diagonal or layer.estimate_diagonals,
+            dtype,
+            self._selector(salt, 0),
         )
         g_rows, examples = adapter.gradient_rows(layer, module, grad_output.to(dtype))
         terms = self._fisher_terms if self._in_fisher_pass else None
-        sums = self._sums.get(layer.name)
         if sums is None:
             sums = _LayerSums(
                 activation=torch.zeros_like(a_sum),
-                gradient=g_rows.new_zeros(layer.gradient_shape),
+                gradient=g_rows.new_zeros(layer.gradient_estimate_shape),
             )
             self._sums[layer.name] = sums
         if terms is not None:
@@ -246,12 +368,13 @@ class CurvatureCapture:
                 sums.terms += terms
                 sums.last_pass = self._fisher_passes
         sums.activation.add_(a_sum)
-        if layer.gradient_diagonal:
+        if layer.gradient_diagonal or layer.estimate_diagonals:
             sums.gradient.add_(g_rows.pow(2).sum(0))
         else:
-            sums.gradient.addmm_(g_rows.T, g_rows)
+            select = self._selector(salt, 1)
+            subset = g_rows if select is None else select(g_rows)
+            sums.gradient.addmm_(subset.T, subset)
         if self.keep_rows is not None:
-            salt = zlib.crc32(layer.name.encode()) + 1_000_003 * sums.calls
             if a_rows is not None and not layer.activation_diagonal:
                 sums.activation_kept.append(self._keep(a_rows, 2 * salt))
             if not layer.gradient_diagonal:
@@ -266,14 +389,57 @@ class CurvatureCapture:
 
     def _keep(self, rows: Tensor, salt: int) -> Tensor:
         """``keep_rows`` random rows scaled by ``sqrt(n / kept)`` (all rows if ``n ≤ k``)."""
-        n, k = rows.shape[0], self.keep_rows
-        assert k is not None
+        assert self.keep_rows is not None
+        return self._subset(rows, self.keep_rows, salt)
+
+    def _subset(self, rows: Tensor, k: int, salt: int) -> Tensor:
+        """``k`` rows drawn uniformly without replacement, seeded by ``row_seed`` and
+        ``salt``, scaled by ``sqrt(n / k)`` so that ``E[subsetᵀ subset] = rowsᵀ rows``;
+        all rows, unscaled, if ``n ≤ k``."""
+        n = rows.shape[0]
         if n <= k:
             return rows
         generator = torch.Generator(device=rows.device)
         generator.manual_seed((self.row_seed * 2_147_483_647 + salt) % (2**63))
         index = torch.randperm(n, generator=generator, device=rows.device)[:k]
         return rows.index_select(0, index) * (n / k) ** 0.5
+
+    def _selector(self, salt: int, side: int) -> Callable[[Tensor], Tensor] | None:
+        """The ``select`` of :meth:`LayerAdapter.activation_statistic` (None: every row)."""
+        cap = self.max_statistics_rows
+        if cap is None:
+            return None
+        return lambda rows: self._statistics_subset(rows, cap, _statistics_salt(salt, side))
+
+    def _statistics_subset(self, rows: Tensor, k: int, salt: int) -> Tensor:
+        """At most ``k`` rows, row ``i`` drawn with probability ``π_i ∝ ‖r_i‖²`` (capped at
+        1) and scaled by ``1/√π_i``, so ``E[subsetᵀ subset] = rowsᵀ rows``; ``(k, d)``, unused
+        slots zero. All rows if ``n ≤ k`` or ``d < MIN_SUBSET_WIDTH``. See "Row subsets" in
+        the module docstring."""
+        n = rows.shape[0]
+        if n <= k or rows.shape[1] < MIN_SUBSET_WIDTH:
+            return rows
+        generator = torch.Generator(device=rows.device)
+        generator.manual_seed((self.row_seed * 2_147_483_647 + salt) % (2**63))
+        # ‖r_i‖² in float64 (the probabilities are cumulated to k); the norm without a
+        # float64 copy of the rows.
+        weight = torch.linalg.vector_norm(rows, dim=1).to(torch.float64).square()
+        probability = inclusion_probabilities(weight, k)
+        order = torch.randperm(n, generator=generator, device=rows.device)
+        # Systematic sampling in a random order: points u, u + 1, …, u + k − 1 on the
+        # cumulated probabilities; row i's interval has length π_i ≤ 1, so it holds a
+        # point with probability π_i exactly, and never two.
+        edges = probability[order].cumsum(0)
+        start = torch.rand((), generator=generator, device=rows.device, dtype=torch.float64)
+        points = start + torch.arange(k, device=rows.device, dtype=torch.float64)
+        slot = torch.searchsorted(edges, points, right=True)
+        valid = slot < n  # fewer than k points land when fewer than k rows are nonzero
+        chosen = order[slot.clamp_max(n - 1)]
+        scale = torch.where(valid, probability[chosen].rsqrt(), 0.0)
+        # A non-finite row must make the estimate non-finite, drawn or not (the step's
+        # finiteness check reads the estimate): 0 · (inf or nan) = nan.
+        scale = scale + 0.0 * weight.sum()
+        return rows.index_select(0, chosen) * scale.to(rows.dtype)[:, None]
 
     @property
     def is_paused(self) -> bool:

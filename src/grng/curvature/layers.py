@@ -73,6 +73,11 @@ class KroneckerLayer:
         weight_rows, bias_rows: the block's rows of ``weight`` / ``bias`` (None: all).
         part: the adapter's tag for the block (e.g. ``"q"`` or a group index).
         activation_diagonal, gradient_diagonal: whether a side is kept diagonal.
+        estimate_diagonals: whether the capture estimates only the diagonal of each
+            side (set by :class:`grng.curvature.CurvatureCapture` with
+            ``statistics="diagonals"``, for an optimizer that reads no more of the
+            factors: R-Kalman); the sides stay as they are, only the estimates are
+            vectors (:attr:`activation_estimate_shape`).
     """
 
     name: str
@@ -85,6 +90,7 @@ class KroneckerLayer:
     part: Any = None
     activation_diagonal: bool = False
     gradient_diagonal: bool = False
+    estimate_diagonals: bool = False
 
     def __post_init__(self) -> None:
         if self.adapter is None:
@@ -115,6 +121,17 @@ class KroneckerLayer:
     def gradient_shape(self) -> tuple[int, ...]:
         d = self.gradient_dim
         return (d,) if self.gradient_diagonal else (d, d)
+
+    @property
+    def activation_estimate_shape(self) -> tuple[int, ...]:
+        """The shape of a captured activation estimate: the side's, or ``(d,)`` when
+        only diagonals are estimated (:attr:`estimate_diagonals`)."""
+        return (self.activation_dim,) if self.estimate_diagonals else self.activation_shape
+
+    @property
+    def gradient_estimate_shape(self) -> tuple[int, ...]:
+        """The shape of a captured gradient estimate (see :attr:`activation_estimate_shape`)."""
+        return (self.gradient_dim,) if self.estimate_diagonals else self.gradient_shape
 
     @property
     def active(self) -> bool:
@@ -150,7 +167,9 @@ class LayerAdapter:
     * :meth:`blocks`: the blocks the module's own parameters form;
     * :meth:`input_dim`, :meth:`output_dim`: ``d_A`` without the bias column, ``d_G``;
     * :meth:`activation_rows`, :meth:`gradient_rows`: rows from one call;
-    * :meth:`activation_statistic`: when rows would be wasteful (one-hot tokens);
+    * :meth:`activation_statistic`: when rows would be wasteful (one-hot tokens); an
+      override takes the ``select`` argument (the capture's row subset, which it may
+      ignore: its statistic is then exact);
     * :meth:`attach`: when the block's input and output are not the module's own
       (attention's projections run inside one functional call);
     * :meth:`uses_bias`: whether a call of ``module`` adds the block's bias.
@@ -212,17 +231,27 @@ class LayerAdapter:
         inputs: Tensor,
         diagonal: bool,
         dtype: torch.dtype,
+        select: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, int, Tensor | None]:
         """``(Σ a aᵀ, or Σ a² when diagonal; number of rows; the rows, or None)`` in ``dtype``.
 
-        The rows include the bias column; they are returned for the optional row
-        store (R-Kalman) and may be None when an adapter sums without them.
+        The rows include the bias column; they are returned (all of them) for the
+        optional row store (R-Kalman) and may be None when an adapter sums without
+        them. ``select``, given when the capture bounds the rows behind a dense sum
+        (``max_statistics_rows``), maps the rows to a reweighted random subset with
+        ``E[select(R)ᵀ select(R)] = Rᵀ R``: the dense sum is taken over it. A diagonal
+        sum (linear in the rows) always uses every row, and an adapter that sums
+        without rows may ignore ``select`` (its statistic is then exact).
         """
         rows = self.activation_rows(layer, module, inputs.to(dtype))
         if layer.bias is not None:
             value = 1.0 if self.uses_bias(layer, module) else 0.0
             rows = torch.cat([rows, rows.new_full((rows.shape[0], 1), value)], dim=1)
-        total = rows.pow(2).sum(0) if diagonal else rows.T @ rows
+        if diagonal:
+            total = rows.pow(2).sum(0)
+        else:
+            subset = rows if select is None else select(rows)
+            total = subset.T @ subset
         return total, rows.shape[0], rows
 
     # ------------------------------------------------------------- gradient matrix

@@ -18,6 +18,32 @@ with every state change masked by ``ok``, so a non-finite step changes nothing
 without a host synchronisation. Subclasses supply the curvature: how it is
 updated from statistics, refreshed, and applied to one layer's gradient matrix.
 
+Cost of a step. The per-parameter bookkeeping (the squared gradient norms, the
+finiteness check, the KL clip's sum, momentum, weight decay, the masked update, the
+diagonal Fisher) runs as ``torch._foreach_*`` ops over *buckets*: the parameters of
+one group with one device and dtype, precomputed and rebuilt when ``param_groups``
+or a parameter's dtype or device changes. Parameters are updated in place; each
+step's directions become the new momentum buffers. An ordinary step (neither a
+capture nor a refresh step) reads nothing back to the host (except Newton–Schulz
+inverses with adaptive damping, RING's ``inverse="newton_schulz"``, which check
+their damping shift on the host: :mod:`grng.optim.kfac`): the flag ``ok`` stays on
+the device, the skipped-step counter too, and a skipped step is warned about at the
+end of the next refresh step (every ``inverse_update_freq`` steps), on CPU as
+elsewhere; ``nonfinite="raise"`` reads the flag on every step (one synchronisation).
+Denormal floats, which gradients become as the loss approaches 0 and which many CPUs
+process far more slowly than normal ones (issue #14 saw RING's step slow down on
+them, AdamW's not), are flushed to zero while :meth:`CurvatureOptimizer.step` runs
+after the closure's first call (RENG's finite-difference re-evaluation runs inside):
+``torch.set_flush_denormal(True)``, switched off again on exit unless it was on
+before (:func:`flushing_denormals`; torch has no getter, so
+:func:`flushes_denormals` probes the mode). The mode is per CPU thread: it covers
+the calling thread, so every op of a single-threaded run
+(``torch.set_num_threads(1)``) and every op too small to be split across threads
+(ATen's grain is 32768 elements); intra-op worker threads (ATen's, MKL's) keep the
+mode they were created with, so work split across them may still meet denormals;
+accelerators are not affected. Setting ``flush_denormal = False`` on an optimizer
+keeps denormals.
+
 Parameters and blocks. Every parameter of the model is in ``param_groups``, frozen
 ones included (as in ``torch.optim``, a parameter without ``.grad`` is not
 touched), and the Kronecker blocks are built once, over all of them: a parameter
@@ -37,7 +63,10 @@ hyperparameters; the unlisted ones form the first (default) group. ``lr`` (also
 its ``lr²`` in the KL clip's sum), ``momentum``, ``weight_decay`` and RENG's /
 R-Kalman's ``rho`` apply per parameter from its own group; a block's damping γ (``damping``, and RING's
 ``rho`` inside ``λ + ρ‖g‖²``) is that of its *weight*'s group, also for its bias
-when the bias is in another group.
+when the bias is in another group. As in torch.optim, ``lr`` may be a number or a
+one-element floating-point tensor (``lr=torch.tensor(0.01)``), which a scheduler
+updates in place; a CPU tensor enters the step's kernels as a number, on any
+device, without a copy.
 
 State layout (all of it travels in ``state_dict``):
 
@@ -66,7 +95,9 @@ and curvature is kept in float32 even for half-precision models.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, cast
 
@@ -74,6 +105,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from grng._precision import outside_autocast
 from grng._warnings import warn
 from grng.curvature import CurvatureCapture, FactorEstimate, KroneckerLayer, find_kronecker_layers
 from grng.curvature.fisher import Likelihood, loss_terms, sampled_nll
@@ -155,6 +187,11 @@ class CurvatureOptimizer(Optimizer):
     #: keyword (a typo such as ``dampin=``) is refused with a TypeError naming it.
     hyperparameters: tuple[str, ...] = ("lr", "damping", "momentum", "weight_decay")
 
+    #: Whether :meth:`step` flushes denormal floats to zero on the calling thread while
+    #: it runs (module docstring, "Cost of a step"); set it to False on an instance to
+    #: keep denormals.
+    flush_denormal: bool = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -178,6 +215,9 @@ class CurvatureOptimizer(Optimizer):
         #: The modules ``exclude`` names, with their descendants (diagonal fallback).
         self.excluded_modules: set[nn.Module] = excluded_modules(exclude, model)
         super().__init__(groups, defaults)
+        #: Buckets of parameters for the foreach ops, rebuilt when ``param_groups`` or a
+        #: parameter's placement changes (:meth:`_current_layout`).
+        self._layout: _Layout | None = None
         self.model = model
         self.options = options
         self.layers: list[KroneckerLayer] = find_kronecker_layers(
@@ -196,7 +236,11 @@ class CurvatureOptimizer(Optimizer):
         #: Every parameter a Kronecker block reads, active or not (module docstring).
         self._blocks_of: dict[Tensor, list[KroneckerLayer]] = parameters_of(self.layers)
         self.capture = CurvatureCapture(
-            model, self.layers, options.fisher, loss_reduction=options.loss_reduction
+            model,
+            self.layers,
+            options.fisher,
+            loss_reduction=options.loss_reduction,
+            max_statistics_rows=options.max_statistics_rows,
         )
         self.capture.armed = True
         self.distributor: Distributor = make_distributor(options.distributed)
@@ -384,16 +428,34 @@ class CurvatureOptimizer(Optimizer):
         Args:
             closure: optional, re-evaluates the model and returns the loss, as in
                 torch.optim; it runs with gradients enabled.
+
+        Everything after the closure's first call runs with denormals flushed to
+        zero on this thread (``flush_denormal``; module docstring, "Cost of a step"),
+        and with ``torch.autocast`` switched off, so that a step called inside an
+        autocast block still computes its curvature in float32 (there, bfloat16
+        matmuls made Newton–Schulz fail over to Cholesky, the K-FAC step 2.5× slower,
+        and the steps 0.2–0.4% off on a BERT classifier); a closure called again inside
+        the step (RENG's finite difference) runs in the caller's autocast state.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        params = [p for group in self.param_groups for p in group["params"]]
+        with flushing_denormals(self.flush_denormal), outside_autocast(params) as caller:
+            # A closure called again (RENG's finite difference) runs in the caller's autocast.
+            again = None if closure is None else functools.partial(caller.run, closure)
+            return self._step(loss, again)
+
+    def _step(self, loss: Tensor | None, closure: Closure | None) -> Tensor | None:
+        """:meth:`step` after the closure's first call; returns ``loss``."""
         placement = self._parameter_placement()
         if placement != self._placement:
             self._follow_parameters()
             self._placement = placement
-        grads = {p: p.grad for g in self.param_groups for p in g["params"] if p.grad is not None}
+            self._layout = None  # its buckets are by device and dtype
+        layout = self._current_layout()
+        grads = {p: p.grad for p in layout.params if p.grad is not None}
         if not grads:
             self.capture.clear()
             return loss
@@ -419,18 +481,12 @@ class CurvatureOptimizer(Optimizer):
                 estimates, self.layers, examples
             )
 
-        grad_sq = {p: g.detach().to(statistics_dtype(g)).pow(2).sum() for p, g in grads.items()}
-        finite = self._all_finite(grad_sq, search, estimates)
-        if self.options.nonfinite == "raise" and not bool(finite):
+        grad_sq, total_grad_sq, finite = self._gradient_norms(grads, search, estimates)
+        if self.options.nonfinite == "raise" and not bool(finite):  # the policy's one sync
             raise FloatingPointError(
                 f"non-finite gradient or curvature statistic at step {step}; nothing was changed"
             )
         self._step_finite = finite
-        # A skipped step still runs (masked); keep its dampings finite so that no solve
-        # raises on an inf damping (RING's λ + ρ‖g‖² with an inf gradient).
-        zero = torch.zeros((), dtype=finite.dtype, device=finite.device)
-        grad_sq = {p: torch.where(finite, v, zero.to(v.dtype)) for p, v in grad_sq.items()}
-        total_grad_sq = torch.stack(list(grad_sq.values())).sum()
 
         if capturing:
             if not empty_batch:
@@ -445,8 +501,9 @@ class CurvatureOptimizer(Optimizer):
 
         self.counters["step"] = step + 1
         self.counters["nonfinite_steps"] += (~finite).to(torch.int64)
-        self._warn_if_skipped(finite)
+        self._warn_if_skipped(step)
         self.capture.armed = self.is_capture_step(step + 1)
+        self.capture.row_seed = step + 1  # row subsets drawn per step, alike after a resume
         return loss
 
     # ------------------------------------------------------------ distributed
@@ -545,26 +602,57 @@ class CurvatureOptimizer(Optimizer):
         name = self._param_names.get(p)  # type: ignore[call-overload]
         return str(name) if name is not None else f"parameter of shape {tuple(p.shape)}"
 
-    def _all_finite(
+    def _gradient_norms(
         self,
-        grad_sq: dict[Tensor, Tensor],
+        grads: dict[Tensor, Tensor],
         search: dict[Tensor, Tensor],
         estimates: dict[str, FactorEstimate],
-    ) -> Tensor:
-        checks = list(grad_sq.values())
-        checks += [
-            d.detach().to(statistics_dtype(d)).pow(2).sum()
-            for p, d in search.items()
-            if d is not p.grad
-        ]
+    ) -> tuple[dict[Tensor, Tensor], Tensor, Tensor]:
+        """``‖g_p‖²`` per parameter, their sum ``‖g‖²`` and the step's finiteness flag.
+
+        The squared norms are float32 (float64 for float64 parameters), one foreach
+        reduction per bucket of the layout. The flag, a device bool read by no host
+        code, says that every gradient, search gradient (RENG's ∇L_G) and captured
+        statistic is finite; on a step where it is false the norms are zeroed, so that
+        the masked step's dampings stay finite and no solve raises on an inf damping
+        (RING's λ + ρ‖g‖² with an inf gradient).
+        """
+        layout = self._current_layout()
+        checks: list[Tensor] = []
+        squares: list[tuple[list[Tensor], Tensor]] = []
+        for bucket in layout.buckets:
+            params, gradients = _present(bucket.params, grads)
+            if not params:
+                continue
+            dtype = bucket.statistics_dtype
+            sq = torch.stack(squared_norms(gradients, dtype))
+            squares.append((params, sq))
+            checks.append(sq.sum())
+            if search is not grads:  # RENG's ∇L_G; a subclass's own search gradients
+                others = [search[p] for p in params if search[p] is not grads[p]]
+                if others:
+                    checks.append(torch.stack(squared_norms(others, dtype)).sum())
         for e in estimates.values():
             checks += [factor_diagonal(f).sum() for f in (e.activation_factor, e.gradient_factor)]
-        return torch.isfinite(torch.stack(checks).sum())
+        # A sum is finite only if every term is (an overflowing sum counts as non-finite).
+        finite = torch.isfinite(_sum_on(checks, layout.device))
+        grad_sq: dict[Tensor, Tensor] = {}
+        totals = []
+        for params, sq in squares:
+            masked = torch.where(_on(finite, sq.device), sq, 0.0)
+            grad_sq.update(zip(params, masked.unbind(0), strict=True))
+            totals.append(masked.sum())
+        return grad_sq, _sum_on(totals, layout.device), finite
 
-    def _warn_if_skipped(self, finite: Tensor) -> None:
-        # Reading the counter synchronises; on CPU that is free, elsewhere wait for
-        # a refresh step, which synchronises anyway.
-        if finite.device.type != "cpu" and not self.is_refresh_step():
+    def _warn_if_skipped(self, step: int) -> None:
+        """Warn once when steps were skipped, noticed at the end of a refresh step.
+
+        Reading the counter is a host synchronisation (``nonfinite_steps``), so it is
+        read only at the end of refresh steps (every ``inverse_update_freq`` steps,
+        whose refresh synchronises anyway), on every device: a skipped step is
+        reported at the next refresh step, not at once.
+        """
+        if not self.is_refresh_step(step):
             return
         skipped = self.nonfinite_steps
         if skipped > self._warned_nonfinite:
@@ -616,10 +704,20 @@ class CurvatureOptimizer(Optimizer):
 
     # ------------------------------------------------------------- machinery
     def _group_of(self, p: Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError(self._name(p))
+        group = self._current_layout().group_of.get(p)
+        if group is None:
+            raise KeyError(self._name(p))
+        return group
+
+    def _current_layout(self) -> _Layout:
+        """The buckets of ``param_groups``, rebuilt when the groups have changed.
+
+        :meth:`step` also drops it when a parameter's dtype or device changed.
+        """
+        layout = self._layout
+        if layout is None or not layout.describes(self.param_groups):
+            layout = self._layout = _Layout(self.param_groups)
+        return layout
 
     def _layer_state(self, layer: KroneckerLayer) -> dict[str, Any]:
         return self.named_state(f"layer:{layer.name}")
@@ -660,9 +758,15 @@ class CurvatureOptimizer(Optimizer):
         beta = self.options.factor_decay
         n = max(1, examples)
         scale = 1.0 / n if self.options.loss_reduction == "sum" else float(n)
+        kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for p in self._fallback_params(grads):
-            estimate = grads[p].detach().to(statistics_dtype(p)).pow(2).mul_(scale)
-            running_average(self._diagonal_state(p), "fisher_diagonal", estimate, beta, finite)
+            kinds.setdefault((p.device, statistics_dtype(p)), []).append(p)
+        for (device, dtype), params in kinds.items():
+            gradients = [grads[p].to(dtype) for p in params]
+            estimates = torch._foreach_mul(gradients, gradients)
+            torch._foreach_mul_(estimates, scale)
+            states = [self._diagonal_state(p) for p in params]
+            running_averages(states, "fisher_diagonal", estimates, beta, _on(finite, device))
 
     def _precondition(
         self,
@@ -703,42 +807,80 @@ class CurvatureOptimizer(Optimizer):
     def _kl_clip_scale(
         self, directions: dict[Tensor, Tensor], search: dict[Tensor, Tensor]
     ) -> Tensor | None:
-        """ν = min(1, sqrt(κ / Σ lr² ⟨Δ, d⟩)) (Ba et al. 2017), a device scalar."""
+        """ν = min(1, sqrt(κ / Σ lr² ⟨Δ, d⟩)) (Ba et al. 2017), a device scalar.
+
+        ``⟨Δ, d⟩`` in float32 (float64 for float64 parameters), one ``dot`` per
+        parameter (no temporaries), ``lr²`` per group (a tensor ``lr`` too).
+        """
         kappa = self.options.kl_clip
         if kappa is None:
             return None
+        layout = self._current_layout()
         terms = []
-        for group in self.param_groups:
-            lr_sq = group["lr"] ** 2
-            for p in group["params"]:
-                if p in directions:
-                    dtype = statistics_dtype(p)
-                    terms.append((directions[p].to(dtype) * search[p].to(dtype)).sum() * lr_sq)
-        quadratic = torch.stack(terms).sum().clamp_min(1e-30)
-        return torch.clamp(torch.sqrt(kappa / quadratic), max=1.0)
+        for bucket in layout.buckets:
+            params, deltas = _present(bucket.params, directions)
+            if not params:
+                continue
+            dtype = bucket.statistics_dtype
+            pairs = zip(deltas, [search[p] for p in params], strict=True)
+            if dtype == bucket.dtype:
+                dots = [torch.dot(delta.reshape(-1), d.reshape(-1)) for delta, d in pairs]
+            else:  # half precision: the products and their sum in float32
+                dots = [torch.dot(_flat(delta, dtype), _flat(d, dtype)) for delta, d in pairs]
+            lr = _scalar_on(bucket.group["lr"], bucket.device)
+            terms.append(torch.stack(dots).sum() * lr**2)
+        if not terms:
+            return None
+        quadratic = _sum_on(terms, layout.device).clamp_min(1e-30)
+        # κ / q as torch's own __rdiv__ computes it, without its Python wrapper.
+        return torch.clamp(torch.sqrt(quadratic.reciprocal().mul_(kappa)), max=1.0)
 
     def _apply(
         self, directions: dict[Tensor, Tensor], scale: Tensor | None, finite: Tensor
     ) -> None:
-        for group in self.param_groups:
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p not in directions:
-                    continue
-                update = directions[p] if scale is None else directions[p] * scale.to(p.dtype)
-                if momentum > 0:
-                    state = self.state[p]
-                    buffer = state.get("momentum_buffer")
-                    if buffer is None:
-                        buffer = torch.zeros_like(p)
-                    update = buffer * momentum + update
-                    state["momentum_buffer"] = torch.where(finite, update, buffer)
-                update = torch.where(
-                    finite, update, torch.zeros((), dtype=p.dtype, device=p.device)
-                )
-                if weight_decay != 0:
-                    p.mul_(1 - lr * weight_decay * finite.to(p.dtype))
-                p.add_(update, alpha=-lr)
+        """``b ← μ b + ν Δ``, ``θ ← θ (1 − lr·wd) − lr b`` (``− lr ν Δ`` without momentum).
+
+        Foreach ops per bucket (group, device, dtype) in the parameters' dtype, masked
+        by ``finite`` with no host read: on a skipped step the directions are zeroed
+        (they may hold NaN or inf, which a product with zero would keep), ν is zeroed,
+        the momentum factor is 1 and the effective rate 0, so momentum buffers and
+        parameters keep their values. The directions are worked on in place and become
+        the new momentum buffers (the old ones are read, never written, so a saved
+        ``state_dict`` keeps its values): :meth:`_precondition` returns new tensors,
+        the step's own (a direction that is the parameter's ``.grad`` itself is copied
+        first; one that is a view of it would be overwritten).
+        """
+        for bucket in self._current_layout().buckets:
+            params, deltas = _present(bucket.params, directions)
+            if not params:
+                continue
+            group, device, dtype = bucket.group, bucket.device, bucket.dtype
+            momentum, weight_decay = group["momentum"], group["weight_decay"]
+            lr = _scalar_on(group["lr"], device)
+            ok = _on(finite, device)
+            deltas = [d.clone() if d is p.grad else d for p, d in zip(params, deltas, strict=True)]
+            _zero_unless_(deltas, ok)
+            ok_number = ok.to(dtype)
+            nu = None if scale is None else torch.where(ok, scale.to(device, dtype), 0.0)
+            if momentum > 0:
+                states = [self.state[p] for p in params]
+                buffers = [s.get("momentum_buffer") for s in states]
+                buffers = [
+                    torch.zeros_like(p) if b is None else b
+                    for p, b in zip(params, buffers, strict=True)
+                ]
+                factor = torch.where(ok, torch.full((), momentum, dtype=dtype, device=device), 1.0)
+                if nu is not None:
+                    torch._foreach_mul_(deltas, nu)
+                _add_scaled_(deltas, buffers, factor)  # ν Δ + μ b, or b on a skipped step
+                for state, buffer in zip(states, deltas, strict=True):
+                    state["momentum_buffer"] = buffer
+                sources, coefficient = deltas, ok_number * -lr
+            else:
+                sources, coefficient = deltas, (ok_number if nu is None else nu) * -lr
+            if weight_decay != 0:
+                torch._foreach_mul_(params, (ok_number * -(lr * weight_decay)).add_(1))
+            _add_scaled_(params, sources, coefficient)
 
     # ------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Any]:
@@ -764,6 +906,7 @@ class CurvatureOptimizer(Optimizer):
                 self.state[key] = _to_device(copy.deepcopy(self.state[key]), device)
         self.capture.clear()
         self.capture.armed = self.is_capture_step()
+        self.capture.row_seed = self.steps_taken
         self._fisher_generator = None  # recreated from the loaded RNG state on first use
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -871,4 +1014,229 @@ def running_average(
     state[count_key] = count + finite.to(torch.int64)
 
 
-__all__ = ["Closure", "CurvatureOptimizer", "running_average", "sqrt_damping_split"]
+def running_averages(
+    states: Sequence[dict[str, Any]],
+    key: str,
+    estimates: Sequence[Tensor],
+    beta: float,
+    finite: Tensor,
+) -> None:
+    """:func:`running_average` of several states at once, with the same numbers.
+
+    The blend ``β old + (1 − β) estimate`` is two foreach products and a foreach sum;
+    only the masking (no foreach ``where`` exists) is per tensor.
+    """
+    count_key = f"{key}_updates"
+    olds, counts = [], []
+    for state, estimate in zip(states, estimates, strict=True):
+        old, count = state.get(key), state.get(count_key)
+        if old is None or count is None:
+            old = torch.zeros_like(estimate)
+            count = torch.zeros((), dtype=torch.int64, device=estimate.device)
+        olds.append(old)
+        counts.append(count)
+    blended = torch._foreach_mul(olds, beta)
+    torch._foreach_add_(blended, torch._foreach_mul(list(estimates), 1 - beta))
+    increment = finite.to(torch.int64)
+    for state, old, count, estimate, mixed in zip(
+        states, olds, counts, estimates, blended, strict=True
+    ):
+        state[key] = torch.where(finite, torch.where(count > 0, mixed, estimate), old)
+        state[count_key] = count + increment
+
+
+#: ``torch._foreach_powsum`` (``Σ |t|^p`` of each tensor) where this torch has it.
+_FOREACH_POWSUM: Callable[..., Sequence[Tensor]] | None = getattr(torch, "_foreach_powsum", None)
+
+
+def squared_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``Σ t²`` of each tensor, accumulated and returned in ``dtype`` (0-dim tensors).
+
+    One foreach reduction where torch has ``_foreach_powsum`` (it casts to ``dtype``
+    before squaring, so half-precision values do not overflow), else one
+    ``pow(2).sum()`` per tensor. A non-finite value gives a non-finite sum.
+    """
+    if _FOREACH_POWSUM is not None:
+        return list(_FOREACH_POWSUM(list(tensors), 2, dtype=dtype))
+    return [t.to(dtype).pow(2).sum() for t in tensors]
+
+
+def _present(
+    params: Sequence[Tensor], values: Mapping[Tensor, Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters of ``params`` (in order) that have an entry in ``values``, and the
+    entries, with one lookup each (a tensor's hash is a Python call)."""
+    found, entries = [], []
+    for p in params:
+        entry = values.get(p)
+        if entry is not None:
+            found.append(p)
+            entries.append(entry)
+    return found, entries
+
+
+def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as a vector in ``dtype`` (a view when it is contiguous and in ``dtype``)."""
+    return (t if t.dtype == dtype else t.to(dtype)).reshape(-1)
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, without a copy when it is there already."""
+    return t if t.device == device else t.to(device)
+
+
+def _scalar_on(value: float | Tensor, device: torch.device) -> float | Tensor:
+    """A hyperparameter (a number or a one-element tensor, e.g. a tensor ``lr``) for a
+    kernel on ``device``: a CPU tensor enters kernels of any device as a number, so it is
+    not copied (a copy to an accelerator would synchronise); any other is moved."""
+    if isinstance(value, Tensor):
+        value = value.reshape(())
+        if value.device.type != "cpu":
+            return _on(value, device)
+    return value
+
+
+def _sum_on(values: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The sum of 0-dim tensors, on ``device``, in their promoted dtype."""
+    if len(values) == 1 and values[0].device == device:
+        return values[0]
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in values))
+    return torch.stack([v.to(device=device, dtype=dtype) for v in values]).sum()
+
+
+#: The integer dtype as wide as each float dtype, to mask floats bit by bit.
+_SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def _zero_unless_(tensors: list[Tensor], keep: Tensor) -> None:
+    """Set every tensor to +0.0 in place unless ``keep`` (a 0-dim device bool), NaN and
+    inf included, without a host read.
+
+    A float product with 0 keeps NaN and inf. The integer product of the same bits
+    with 0 or 1 does not (all-zero bits are +0.0) and leaves them exactly as they were
+    with 1, in one vectorised foreach pass, where a ``where`` or ``masked_fill_`` per
+    tensor runs a scalar (not vectorised) loop on CPU.
+    """
+    dtype = tensors[0].dtype
+    integer = _SAME_WIDTH_INT.get(dtype)
+    if integer is not None and all(t.dtype == dtype for t in tensors):  # one bucket's
+        torch._foreach_mul_([t.view(integer) for t in tensors], keep.to(integer))
+        return
+    kinds: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        integer = _SAME_WIDTH_INT.get(t.dtype)
+        if integer is None:
+            t.masked_fill_(~keep, 0)
+        else:
+            kinds.setdefault(integer, []).append(t.view(integer))
+    for integer, bits in kinds.items():
+        torch._foreach_mul_(bits, keep.to(integer))
+
+
+def _add_scaled_(targets: list[Tensor], sources: list[Tensor], coefficient: Tensor) -> None:
+    """``t ← t + c·s`` for each pair, with ``c`` a 0-dim tensor that no host code reads."""
+    if targets[0].device.type == "cpu":
+        # One addcmul_ per tensor, with no temporary: fresh CPU memory for a product
+        # would cost more than the arithmetic (page faults).
+        torch._foreach_addcmul_(targets, sources, [coefficient] * len(targets))
+    else:
+        # The multi-tensor kernels (a list of 0-dim tensors would take a per-tensor path).
+        torch._foreach_add_(targets, torch._foreach_mul(sources, coefficient))
+
+
+class _Bucket:
+    """Parameters of one group with one device and dtype: the unit of a foreach op."""
+
+    __slots__ = ("device", "dtype", "group", "params", "statistics_dtype")
+
+    def __init__(
+        self, group: dict[str, Any], params: list[Tensor], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.group = group
+        self.params = params
+        self.device = device
+        self.dtype = dtype
+        self.statistics_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Layout:
+    """``param_groups`` arranged for a step's foreach ops.
+
+    ``buckets``: each group's parameters split by device and dtype, in group order;
+    ``params``: every parameter in ``param_groups`` order; ``group_of``: a parameter's
+    group (a dict instead of a scan of the groups); ``device``: the first parameter's,
+    where the counters and the finiteness flag live.
+    """
+
+    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
+        # The group dicts and parameter lists themselves (not ids, which may be reused).
+        self._built_from = [(g, g["params"], len(g["params"])) for g in param_groups]
+        self.params: list[Tensor] = [p for g in param_groups for p in g["params"]]
+        self.group_of: dict[Tensor, dict[str, Any]] = {
+            p: g for g in param_groups for p in g["params"]
+        }
+        self.device = self.params[0].device
+        self.buckets: list[_Bucket] = []
+        for g in param_groups:
+            kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in g["params"]:
+                kinds.setdefault((p.device, p.dtype), []).append(p)
+            self.buckets += [_Bucket(g, ps, device, dtype) for (device, dtype), ps in kinds.items()]
+
+    def describes(self, param_groups: list[dict[str, Any]]) -> bool:
+        """Whether ``param_groups`` still holds the groups and parameter lists it was
+        built from (``add_param_group`` and ``load_state_dict`` change them)."""
+        return len(param_groups) == len(self._built_from) and all(
+            g is group and g["params"] is params and len(params) == n
+            for g, (group, params, n) in zip(param_groups, self._built_from, strict=True)
+        )
+
+
+#: The smallest positive double, a denormal: ``_DENORMAL * _ONE`` is 0.0 exactly when
+#: this thread flushes denormals (module-level names, so Python does not fold it).
+_DENORMAL = 5e-324
+_ONE = 1.0
+
+
+def flushes_denormals() -> bool:
+    """Whether the calling thread's CPU flushes denormal floats to zero now.
+
+    ``torch.set_flush_denormal`` has no getter; the mode it sets (x86 MXCSR's FTZ and
+    DAZ, ARM's FPCR.FZ) also governs Python's own float arithmetic on the thread, so a
+    product whose result is a denormal tells.
+    """
+    return _DENORMAL * _ONE == 0.0
+
+
+@contextmanager
+def flushing_denormals(enabled: bool = True) -> Iterator[None]:
+    """Flush denormal floats to zero on the calling thread for the block, then restore.
+
+    A no-op when ``enabled`` is false, when the thread flushes already, or where torch
+    cannot set the mode (``torch.set_flush_denormal`` returns False); otherwise the
+    mode is switched off again on exit, also on an exception.
+    """
+    if not enabled or flushes_denormals() or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+__all__ = [
+    "Closure",
+    "CurvatureOptimizer",
+    "flushes_denormals",
+    "flushing_denormals",
+    "running_average",
+    "running_averages",
+    "sqrt_damping_split",
+    "squared_norms",
+]

@@ -16,7 +16,7 @@ A parameter shared by several modules (tying) is one entry, under its first name
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, overload
 
@@ -245,7 +245,55 @@ def capped_sides_warning(optimizer: CurvatureOptimizer) -> str | None:
         f"diagonal, dropping their cross-coordinate curvature: {', '.join(capped[:5])}"
         f"{' and more' if len(capped) > 5 else ''}. Pass max_factor_dim=None (or a larger "
         "cap) to keep them dense, at an O(d³) eigendecomposition or inverse per refresh "
-        "(9 s at d = 4608 on one CPU core, results/factor_cost.md)."
+        "(at d = 4608 on one core of the reference CPU: eigh 9.7 s, K-FAC's Cholesky route "
+        "5.2 s; docs/performance.md)."
+    )
+
+
+def expensive_sides_warning(
+    optimizer: CurvatureOptimizer,
+    refresh_seconds: Callable[[int], float],
+    threshold: float,
+    basis: str,
+) -> str | None:
+    """The :class:`CoverageWarning` message naming the dense factor sides of CPU layers whose
+    estimated refresh takes more than ``threshold`` seconds, or None when there is none.
+
+    ``refresh_seconds(d)`` estimates one refresh of one dense side of width ``d`` on one CPU
+    core (``basis`` says from what). Layers off CPU are not counted: the estimates are CPU
+    figures. The message states the estimates, the whole refresh's and its share per step
+    (the refresh runs every ``inverse_update_freq`` steps), and the cap that would keep the
+    expensive sides diagonal.
+    """
+    sides = [
+        (layer.name, side, dim)
+        for layer in optimizer.layers
+        if layer.weight.device.type == "cpu"
+        for side, dim, diagonal in (
+            ("A", layer.activation_dim, layer.activation_diagonal),
+            ("G", layer.gradient_dim, layer.gradient_diagonal),
+        )
+        if not diagonal
+    ]
+    expensive = sorted(
+        ((name, side, dim) for name, side, dim in sides if refresh_seconds(dim) > threshold),
+        key=lambda entry: -entry[2],
+    )
+    if not expensive:
+        return None
+    total = sum(refresh_seconds(dim) for _, _, dim in sides)
+    period = optimizer.options.inverse_update_freq
+    named = ", ".join(f"{n} {s} ({d}) ≈ {refresh_seconds(d):.1f} s" for n, s, d in expensive[:5])
+    more = f" and {len(expensive) - 5} more" if len(expensive) > 5 else ""
+    cap = min(dim for _, _, dim in expensive) - 1
+    return (
+        f"{type(optimizer).__name__}: {len(expensive)} dense factor side(s) take more than "
+        f"{threshold:g} s each to refresh on CPU: {named}{more}; one refresh of every layer "
+        f"≈ {total:.1f} s, every inverse_update_freq={period} steps (≈ {total / period:.2f} s "
+        f"per step). Estimated for one core of the reference CPU ({basis}; "
+        "docs/performance.md). Pass max_factor_dim="
+        f"{cap} to keep them diagonal (dropping their cross-coordinate curvature), a larger "
+        "inverse_update_freq, or move the model to an accelerator first (not measured)."
     )
 
 
@@ -257,4 +305,5 @@ __all__ = [
     "capped_sides_warning",
     "coverage_of",
     "diagonal_warning",
+    "expensive_sides_warning",
 ]

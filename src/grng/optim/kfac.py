@@ -20,10 +20,16 @@ what is expensive (eigenbases or inverses) is recomputed every
 * ``inverse="eigh"`` stores the eigenbases of ``A`` and ``G``
   (:func:`grng.linalg.eigh_factor`); any damping is then applied exactly on
   every step, in either form (:func:`grng.linalg.kronecker_tikhonov_solve_eigh`,
-  :func:`grng.linalg.kronecker_solve_eigh`).
+  :func:`grng.linalg.kronecker_solve_eigh`). With constant damping (K-FAC, RENG)
+  what a step can reuse is built once per refresh and damping
+  (:meth:`KFAC._constant_damping_solve`): the factored form's damped inverses
+  ``Q diag(1/(λ + d)) Qᵀ``, so a step is two products instead of four, and the
+  exact form's ``1/(g aᵀ + γ)``.
 * ``inverse="newton_schulz"`` (factored form only) stores the damped inverses
-  of the two factors at the damping of the refresh step, warm-started from the
-  previous ones (:func:`grng.linalg.damped_inverse`). With constant damping
+  of the two factors at the damping of the refresh step
+  (:func:`grng.linalg.damped_inverse`: a float32 Cholesky inverse checked in
+  float64 on CPU; Newton–Schulz warm-started from the previous inverses where an
+  iteration is cheaper than a factorisation, i.e. off CPU). With constant damping
   (K-FAC, RENG) they are exact; a changed ``damping`` in ``param_groups`` is
   noticed on the next step (Python floats compared, no sync) and re-inverts.
   With adaptive damping (RING) a step whose side dampings differ by ``ε_G, ε_A``
@@ -48,19 +54,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from grng._warnings import warn
 from grng.curvature import FactorEstimate, KroneckerLayer
 from grng.linalg import (
     damped_inverse,
+    eigenbasis_solve,
+    eigh_damped_inverse,
     eigh_factor,
     kronecker_solve_eigh,
     kronecker_solve_inverse,
     kronecker_tikhonov_solve_eigh,
     pi_correction,
+    prefers_newton_schulz,
     shift_error_bound,
     shifted_inverse_first_order,
     symmetrize,
+    tikhonov_inverse_spectrum,
 )
 from grng.optim.base import (
     CurvatureOptimizer,
@@ -68,8 +80,10 @@ from grng.optim.base import (
     running_average,
     sqrt_damping_split,
 )
+from grng.optim.coverage import CoverageWarning, expensive_sides_warning
 from grng.optim.options import (
     DEFAULT_MAX_FACTOR_DIM,
+    DEFAULT_MAX_STATISTICS_ROWS,
     CurvatureOptions,
     DampingForm,
     DistributedMode,
@@ -78,6 +92,15 @@ from grng.optim.options import (
     LossReduction,
     NonfinitePolicy,
 )
+
+#: CPU seconds per ``d³`` of one dense side's refresh on one core of the reference VM
+#: (2-core AMD EPYC, torch 2.13 CPU; ``benchmarks/factor_cost.py``, ``docs/performance.md``):
+#: ``eigh_factor`` measured 0.73 s at d = 2048 and 7.9 s at 4096; ``damped_inverse``'s CPU
+#: route (float32 Cholesky inverse + its float64 certificate) 0.56 s and 4.1 s.
+REFRESH_SECONDS_PER_CUBE: dict[str, float] = {"eigh": 9e-11, "newton_schulz": 6.5e-11}
+#: A dense side of a CPU layer estimated to refresh slower than this (seconds) is named by a
+#: construction-time warning: from about d = 2230 (eigh) or 2490 (Cholesky route) up.
+EXPENSIVE_REFRESH_SECONDS = 1.0
 
 
 class KFAC(CurvatureOptimizer):
@@ -109,6 +132,9 @@ class KFAC(CurvatureOptimizer):
         max_factor_dim: a factor side wider than this is kept diagonal, trading that
             side's cross-coordinate curvature for an ``O(d³)`` refresh (default 4096,
             ``None``: no cap; see :class:`grng.optim.CurvatureOptions`).
+        max_statistics_rows: on capture steps, a layer call with more rows than this
+            estimates its dense factor sums from an unbiased subset of this many rows
+            (default 1024, ``None``: every row; see :class:`grng.optim.CurvatureOptions`).
         factor_update_freq, inverse_update_freq, factor_decay, fisher, inverse,
         kl_clip, nonfinite, inverse_tol, distributed, damping_form, loss_reduction:
             see :class:`grng.optim.CurvatureOptions` (``distributed="auto"`` shards
@@ -116,7 +142,9 @@ class KFAC(CurvatureOptimizer):
             ``damping_form="exact"`` needs ``inverse="eigh"``). KFAC's and RENG's
             ``inverse`` default is ``"newton_schulz"``, RING's ``"eigh"``.
 
-    ``optimizer.coverage()`` lists which curvature each parameter gets.
+    ``optimizer.coverage()`` lists which curvature each parameter gets. Construction warns
+    (:class:`grng.CoverageWarning`) when a dense factor side of a CPU layer is estimated to take
+    more than ``EXPENSIVE_REFRESH_SECONDS`` to refresh (:meth:`refresh_seconds`).
     """
 
     def __init__(
@@ -141,6 +169,7 @@ class KFAC(CurvatureOptimizer):
         exclude: ExcludeRule | Iterable[ExcludeRule] | None = None,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
         max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+        max_statistics_rows: int | None = DEFAULT_MAX_STATISTICS_ROWS,
         **extra_defaults: Any,
     ) -> None:
         options = CurvatureOptions(
@@ -156,11 +185,39 @@ class KFAC(CurvatureOptimizer):
             damping_form=damping_form,
             loss_reduction=loss_reduction,
             max_factor_dim=max_factor_dim,
+            max_statistics_rows=max_statistics_rows,
         )
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, **extra_defaults
         )
         super().__init__(model, defaults, options, exclude=exclude, param_groups=param_groups)
+        #: Per block, what ``inverse="eigh"`` with constant damping precomputes and the key it
+        #: was built for (:meth:`_constant_damping_solve`). Derived data, rebuilt on demand,
+        #: so it stays out of ``state`` and ``state_dict``.
+        self._spectra: dict[str, tuple[tuple[Any, ...], tuple[Tensor, ...]]] = {}
+        message = expensive_sides_warning(
+            self,
+            self.refresh_seconds,
+            EXPENSIVE_REFRESH_SECONDS,
+            "eigh"
+            if self.options.inverse == "eigh"
+            else "float32 Cholesky inverse + float64 check",
+        )
+        if message is not None:
+            try:
+                warn(message, CoverageWarning)
+            except BaseException:
+                self.capture.remove()  # a warning turned error leaves no hook on the model
+                raise
+
+    def refresh_seconds(self, dim: int) -> float:
+        """Estimated seconds to refresh one dense factor side of width ``dim`` on one CPU core.
+
+        ``c·dim³`` with ``c`` measured on the reference VM (``REFRESH_SECONDS_PER_CUBE``): an
+        ``eigh_factor`` for ``inverse="eigh"``, else the CPU route of ``damped_inverse``.
+        Another CPU scales by its speed; more threads divide it by less than their number.
+        """
+        return REFRESH_SECONDS_PER_CUBE[self.options.inverse] * float(dim) ** 3
 
     # ------------------------------------------------------------- factors
     def _update_curvature(self, estimates: dict[str, FactorEstimate], finite: Tensor) -> None:
@@ -199,9 +256,10 @@ class KFAC(CurvatureOptimizer):
         self.counters["refresh_pending"] = False
         # Layers refreshed now and the entries their owner writes (sharded mode).
         refreshed: list[tuple[KroneckerLayer, dict[str, tuple[int, ...]]]] = []
+        ready = self._layers_with_statistics()
         for layer in self.layers:
             state = self._layer_state(layer)
-            if "activation_factor" not in state or not bool(state["activation_factor_updates"] > 0):
+            if layer.name not in ready:
                 continue
             # π is cheap and identical everywhere (global factors): every rank computes it.
             state["pi"] = pi_correction(state["activation_factor"], state["gradient_factor"])
@@ -242,6 +300,23 @@ class KFAC(CurvatureOptimizer):
                         state[f"{side}_inverse_method"] = f"broadcast from rank {owner}"
         self._share_curvature(refreshed)
 
+    def _layers_with_statistics(self) -> set[str]:
+        """Names of the blocks whose factors hold at least one finite update.
+
+        The update counters live on the device; they are read in one transfer per device
+        instead of one host sync per block.
+        """
+        by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+        for layer in self.layers:
+            count = self._layer_state(layer).get("activation_factor_updates")
+            if count is not None:
+                by_device.setdefault(count.device, []).append((layer.name, count))
+        ready: set[str] = set()
+        for entries in by_device.values():
+            counts = torch.stack([count for _, count in entries]).tolist()
+            ready.update(name for (name, _), n in zip(entries, counts, strict=True) if n > 0)
+        return ready
+
     def _record_inversion_damping(self, layer: KroneckerLayer) -> None:
         """Remember ``group["damping"]`` (a Python number) that the inverses are computed at.
 
@@ -253,20 +328,79 @@ class KFAC(CurvatureOptimizer):
             self._layer_state(layer)["inverted_at_damping"] = damping
 
     def _invert(self, layer: KroneckerLayer, gamma: Tensor) -> None:
-        """Newton–Schulz inverses of both damped factors at damping γ, warm-started."""
+        """Damped inverses of both factors at damping γ (:func:`grng.linalg.damped_inverse`).
+
+        The previous inverse is offered as a Newton–Schulz warm start only where an iteration
+        is cheaper than a Cholesky inverse (:func:`grng.linalg.prefers_newton_schulz`: off
+        CPU); on CPU every inversion is a float32 Cholesky inverse with its float64 check.
+        """
         state = self._layer_state(layer)
         self._record_inversion_damping(layer)
         gradient_damping, activation_damping = sqrt_damping_split(gamma, state["pi"])
         for side, damping in (("activation", activation_damping), ("gradient", gradient_damping)):
-            result = damped_inverse(
-                state[f"{side}_factor"],
-                damping,
-                warm_start=state.get(f"{side}_inverse"),
-                tol=self.options.inverse_tol,
-            )
+            factor = state[f"{side}_factor"]
+            previous = state.get(f"{side}_inverse")
+            warm = previous if prefers_newton_schulz(factor.device) else None
+            result = damped_inverse(factor, damping, warm_start=warm, tol=self.options.inverse_tol)
             state[f"{side}_inverse"] = result.inverse
             state[f"{side}_damping"] = damping.detach().clone()
             state[f"{side}_inverse_method"] = result.method
+
+    def _constant_damping_solve(
+        self, layer: KroneckerLayer, gradient_matrix: Tensor, damping: Tensor
+    ) -> Tensor:
+        """``inverse="eigh"`` with constant damping γ (K-FAC, RENG; not RING).
+
+        Between refreshes the solve then depends only on what a refresh writes (eigenbases,
+        π) and on γ, so what it can precompute is built once and kept per block:
+
+        * factored form: the damped inverses ``Q diag(1/(λ + d)) Qᵀ`` of both factors
+          (:func:`grng.linalg.eigh_damped_inverse`), and each step is the two products
+          ``X_G V X_A`` instead of the eigenbasis route's four;
+        * exact form (not Kronecker-separable): the inverse spectrum ``1/(g aᵀ + γ)``
+          (:func:`grng.linalg.tikhonov_inverse_spectrum`), multiplied in between the four
+          products instead of forming the outer product and dividing each step.
+
+        The cache is rebuilt when its key changes: the eigenbasis and π tensors by identity
+        (a refresh, ``load_state_dict``, a broadcast or a device move replaces them) and γ as the group's
+        Python number (a scheduler or the user may change it; compared without a sync). It is
+        derived data, kept out of ``state``: ``d_G² + d_A²`` numbers per block (factored) or
+        ``d_G·d_A`` (exact, the size of the weight).
+        """
+        state = self._layer_state(layer)
+        q_g, q_a = state.get("gradient_eigenvectors"), state.get("activation_eigenvectors")
+        gradient_eigenvalues, activation_eigenvalues, pi = (
+            state["gradient_eigenvalues"],
+            state["activation_eigenvalues"],
+            state["pi"],
+        )
+        tensors = (gradient_eigenvalues, activation_eigenvalues, pi, q_g, q_a)
+        key = (*tensors, self._group_of(layer.weight)["damping"], damping.dtype)
+        cached = self._spectra.get(layer.name)
+        if cached is not None:
+            old = cached[0]
+            fresh = all(a is b for a, b in zip(old[:5], key[:5], strict=True))
+            if not (fresh and old[5:] == key[5:]):
+                cached = None
+        if cached is None:
+            if self.options.damping_form == "exact":
+                built: tuple[Tensor, ...] = (
+                    tikhonov_inverse_spectrum(
+                        gradient_eigenvalues, activation_eigenvalues, damping
+                    ),
+                )
+            else:
+                gradient_damping, activation_damping = sqrt_damping_split(damping, pi)
+                built = (
+                    eigh_damped_inverse(gradient_eigenvalues, q_g, gradient_damping),
+                    eigh_damped_inverse(activation_eigenvalues, q_a, activation_damping),
+                )
+            cached = (key, built)
+            self._spectra[layer.name] = cached
+        parts = cached[1]
+        if len(parts) == 1:
+            return eigenbasis_solve(gradient_matrix, q_g, q_a, parts[0])
+        return kronecker_solve_inverse(gradient_matrix, parts[0], parts[1])
 
     # -------------------------------------------------------- precondition
     def _precondition_layer(
@@ -277,6 +411,8 @@ class KFAC(CurvatureOptimizer):
             # No curvature yet: the damped preconditioner of zero factors.
             return gradient_matrix / damping
         if self.options.inverse == "eigh":
+            if not self.adaptive_damping:
+                return self._constant_damping_solve(layer, gradient_matrix, damping)
             # Eigenvectors are absent for a diagonal side (the identity).
             gradient_eig = (state["gradient_eigenvalues"], state.get("gradient_eigenvectors"))
             activation_eig = (state["activation_eigenvalues"], state.get("activation_eigenvectors"))
@@ -288,7 +424,6 @@ class KFAC(CurvatureOptimizer):
             return kronecker_solve_eigh(
                 gradient_matrix, gradient_eig, activation_eig, gradient_damping, activation_damping
             )
-        gradient_damping, activation_damping = sqrt_damping_split(damping, state["pi"])
         if "activation_inverse" not in state:
             if not bool(self._step_finite):
                 return gradient_matrix / damping  # a skipped step writes no inverse
@@ -304,7 +439,8 @@ class KFAC(CurvatureOptimizer):
                 gradient_matrix, state["gradient_inverse"], state["activation_inverse"]
             )
         # Adaptive damping (RING): serve the shifted damping by the first-order correction
-        # while its error bound holds, else re-invert (warm-started). One sync per layer.
+        # while its error bound holds, else re-invert (warm-started off CPU). One sync per layer.
+        gradient_damping, activation_damping = sqrt_damping_split(damping, state["pi"])
         gradient_bound = shift_error_bound(
             gradient_damping - state["gradient_damping"], state["gradient_damping"]
         )
@@ -312,8 +448,9 @@ class KFAC(CurvatureOptimizer):
             activation_damping - state["activation_damping"], state["activation_damping"]
         )
         bound = gradient_bound + activation_bound + gradient_bound * activation_bound
-        if bool(bound > self.options.inverse_tol) and bool(self._step_finite):
-            # Not on a step that will be skipped (its result is discarded anyway).
+        if bool((bound > self.options.inverse_tol) & self._step_finite):
+            # Not on a step that will be skipped (its result is discarded anyway); both
+            # conditions in one read.
             self._invert(layer, damping)
         left = shifted_inverse_first_order(
             state["gradient_inverse"],

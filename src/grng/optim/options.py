@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, Literal
 
+import torch
+
 FisherType = Literal["empirical", "mc"]
 InverseMethod = Literal["eigh", "newton_schulz"]
 NonfinitePolicy = Literal["skip", "raise"]
@@ -26,6 +28,8 @@ LossReduction = Literal["mean", "sum"]
 DistributedMode = Literal["auto", "shard", "replicate"]
 #: Default cap on a dense factor side (see ``CurvatureOptions.max_factor_dim``).
 DEFAULT_MAX_FACTOR_DIM = 4096
+#: Default cap on the rows behind one call's dense factor sums (``max_statistics_rows``).
+DEFAULT_MAX_STATISTICS_ROWS = 1024
 
 
 def check_real(
@@ -36,11 +40,32 @@ def check_real(
     low_open: bool = False,
     high: float = math.inf,
     high_open: bool = True,
+    tensor: bool = False,
 ) -> float:
-    """``value`` as a float, or a ValueError/TypeError naming ``name`` and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    x = float(value)
+    """``value`` as a float, or a ValueError/TypeError naming ``name`` and the allowed range.
+
+    With ``tensor=True`` a one-element floating-point tensor (``torch.tensor(0.01)``, as
+    ``torch.optim`` accepts for ``lr``) is accepted too and checked by its value, which
+    reading synchronises once on an accelerator; a tensor of several elements raises
+    ValueError, one of another dtype TypeError.
+    """
+    if tensor and isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got a tensor of shape "
+                f"{tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a real number or a one-element floating-point tensor, "
+                f"got a tensor of dtype {value.dtype}"
+            )
+        x = float(value.detach().reshape(()))
+    elif isinstance(value, bool) or not isinstance(value, Real):
+        kind = "a real number or a one-element tensor" if tensor else "a real number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    else:
+        x = float(value)
     below = x <= low if low_open else x < low
     above = x >= high if high_open else x > high
     if not math.isfinite(x):
@@ -89,7 +114,9 @@ class CurvatureOptions:
             ``"mc"`` (of labels sampled from the model, see
             :meth:`CurvatureOptimizer.backward_fisher`).
         inverse: ``"eigh"`` (eigenbases; any damping applied exactly) or
-            ``"newton_schulz"`` (warm-started damped inverses).
+            ``"newton_schulz"`` (damped inverses, :func:`grng.linalg.damped_inverse`: a
+            float32 Cholesky inverse on CPU, Newton–Schulz warm-started from the previous
+            inverse elsewhere, each checked in float64 against ``inverse_tol``).
         kl_clip: the KL-clip bound κ (Ba et al. 2017); ``None`` disables it.
         nonfinite: ``"skip"`` a step with non-finite gradients or statistics
             (nothing changes, a counter increments), or ``"raise"``.
@@ -116,15 +143,32 @@ class CurvatureOptions:
             cross-coordinate curvature (the other side stays dense) for cost: a dense
             side of width ``d`` costs ``d²`` memory and an ``O(d³)`` eigh or inverse at
             every refresh. Measured per factor on one CPU thread (torch 2.13,
-            ``benchmarks/factor_cost.py``, ``results/factor_cost.md``): eigh 0.70 s at
-            d = 2048, 6.1 s at 4096, 9.3 s at 4608; a float64 Cholesky inverse 0.29 s,
-            2.1 s, 2.6 s; a Newton–Schulz inverse from scratch (single timings) 5 s,
-            38 s, 108 s. The default 4096 keeps every side
+            ``benchmarks/factor_cost.py``, ``results/factor_cost.md``,
+            ``docs/performance.md``): eigh 0.73 s at d = 2048, 7.9 s at 4096, 9.7 s at
+            4608; K-FAC's damped inverse (float32 Cholesky + float64 check) 0.56 s,
+            4.1 s, 5.2 s. K-FAC, RING and RENG warn at construction when a kept dense
+            side of a CPU layer is estimated above 1 s per refresh, with the estimate.
+            The default 4096 keeps every side
             of width ≤ 4096 dense and makes the 4608-wide input side of a
             ``Conv2d(512, 512, 3)`` (ResNet-18's last stage, three such layers)
             diagonal, so no ResNet-18 refresh spends tens of seconds per factor.
             ``None``: no cap. Structural: fixed for the optimizer's life; see
             ``optimizer.coverage()`` for which sides are diagonal.
+        max_statistics_rows: the most rows of one layer call behind a dense factor
+            sum on capture steps: a call with more rows (a Linear's input
+            ``(B, T, d)`` has ``B·T``, a convolution's ``N × positions``) estimates
+            ``Σ a aᵀ`` and ``Σ g gᵀ`` from at most this many rows, drawn with
+            probability ``π ∝ ‖row‖²`` (capped at 1) and weighted by ``1/π``: unbiased
+            (the expected estimate is the full one), and exact for a call within the
+            cap, with at most that many nonzero rows, or on a side narrower than 128;
+            counts and normalisation are unchanged (``grng.curvature.capture``, "Row
+            subsets"). Measured in ``docs/algorithms.md`` ("Capture cost"): at the
+            default 1024, one capture's K-FAC step is 1.6–3.9% (damping 0.1) and
+            4.3–9.3% (1e-3) off the step from every row on a character transformer,
+            a BERT classifier, an MLP and a Conv1d net, less than the difference
+            between two batches' full estimates on each, and the character
+            transformer's capture (4096 rows per call) took 138 ms instead of 322.
+            ``None``: every row.
     """
 
     factor_update_freq: int = 10
@@ -139,6 +183,7 @@ class CurvatureOptions:
     damping_form: DampingForm = "factored"
     loss_reduction: LossReduction = "mean"
     max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM
+    max_statistics_rows: int | None = DEFAULT_MAX_STATISTICS_ROWS
 
     def __post_init__(self) -> None:
         # Stored as plain ints (a numpy integer would otherwise leak into step arithmetic).
@@ -163,6 +208,12 @@ class CurvatureOptions:
             object.__setattr__(
                 self, "max_factor_dim", check_int("max_factor_dim", self.max_factor_dim)
             )
+        if self.max_statistics_rows is not None:
+            object.__setattr__(
+                self,
+                "max_statistics_rows",
+                check_int("max_statistics_rows", self.max_statistics_rows),
+            )
         if self.damping_form == "exact" and self.inverse != "eigh":
             raise ValueError(
                 "damping_form='exact' needs inverse='eigh': Newton–Schulz stores damped "
@@ -173,7 +224,8 @@ class CurvatureOptions:
 
 def check_group_hyperparameters(group: dict[str, Any]) -> None:
     """Validate the per-group hyperparameters every curvature optimizer shares."""
-    check_real("lr", group["lr"])
+    # A tensor lr works as in torch.optim (e.g. for a scheduler updating it in place).
+    check_real("lr", group["lr"], tensor=True)
     check_real("damping", group["damping"], low=0.0, low_open=True)
     check_real("momentum", group["momentum"], low=0.0, high=1.0)
     check_real("weight_decay", group["weight_decay"])

@@ -20,10 +20,8 @@ The Hessian-gradient product ``H∇L = ∇(½‖∇L‖²)`` is computed one of 
   detached value, which breaks the cycle and frees the graph.
 * ``hvp="finite_difference"``: ``H∇L ≈ (∇L(θ + εĝ) − ∇L(θ)) · ‖∇L‖/ε`` with
   ``ĝ = ∇L/‖∇L‖``: one more forward and backward through the closure, no
-  second-order graph. ``ε = √eps · (1 + ‖θ‖)`` with ``eps`` the machine epsilon
-  of the parameters' dtype: the classic forward-difference choice balancing the
-  truncation error O(ε) against the rounding error O(eps·‖θ‖/ε) of evaluating
-  ``θ + εĝ``; it is relative to ‖θ‖ because that sets the rounding of the sum.
+  second-order graph. The step ε follows the precision the closure computes in
+  ("The step ε" below).
 
   The perturbed pass must see the same network as the clean one, so inside
   :meth:`RENG.step` it replays the global RNG state (CPU, and every CUDA device
@@ -35,19 +33,89 @@ The Hessian-gradient product ``H∇L = ∇(½‖∇L‖²)`` is computed one of 
   the batch statistics, so the perturbed forward is consistent with the clean one.
   Randomness the closure draws from a ``torch.Generator`` of its own cannot be
   replayed: that closure measures noise along with curvature.
+
+The step ε (finite differences)::
+
+    ε = s · sqrt(eps_c) · (1 + mean_i |θ_i|),        s = 0.2 (RENG.finite_difference_scale)
+
+the forward-difference step of Jacobian-free Newton–Krylov codes (Knoll & Keyes 2004,
+eq. 14, for the unit direction ĝ): it balances the truncation error, which grows like
+ε, against the rounding error of the two gradients, which grows like ``eps_c/ε``, so
+the best ε scales like ``sqrt(eps_c)``. ``eps_c`` is the machine epsilon of the
+precision the closure computes in: the lowest among the parameters' dtypes and the
+dtypes of the outputs of every module that holds parameters during the step's first
+closure call (forward hooks, registered at construction and recording only during
+that call; :meth:`CurvatureCapture.remove` detaches them). Under
+``torch.autocast(dtype=torch.bfloat16)`` the layers output bfloat16, so ``eps_c`` is
+bfloat16's 2⁻⁷ and ε ≈ 0.018, against ≈ 7e-5 in float32 and ≈ 3e-9 in float64 (for
+weights of mean magnitude ≲ 0.2). What it cannot see: precision lost after the last
+such module (a loss computed in a lower precision than the model's outputs), the
+outputs of TorchScript modules (they refuse hooks), and a closure that runs no hooked
+module (a loss on the weights alone; a model compiled and run before the optimizer was
+built, whose graph lacks the hooks), for which the step warns once and takes the
+parameters' precision; called directly, outside
+:meth:`RENG.step`, ``eps_c`` is the parameters'.
+
+Before issue #13 the step was ``sqrt(eps(parameter dtype))·(1 + ‖θ‖)``: in float32
+2e-3–7e-3 on the test kit's models, long enough to cross ReLU kinks and to be
+truncation-dominated, and under bfloat16 autocast below bfloat16's rounding of the
+perturbed weights, so that the difference was mostly noise. ``s`` = 0.2 minimised the
+error on these states among s ∈ {0.05, …, 0.5} (geometric mean over the smooth models:
+float32 2.6e-3, bfloat16 0.2; s = 0.1: 3.6e-3, 0.21; s = 0.5: 2.4e-3, 0.21, but the
+ResNet's float32 error 0.31). Measured by ``benchmarks/finite_difference_epsilon.py``
+(2026-11-30, torch 2.13 CPU): relative error ``‖product − H∇L‖/‖H∇L‖`` of the product
+one step computes, against H∇L by double backpropagation in float64, models of
+``tests/cases.py`` in eval mode on one batch, new rule (old rule in parentheses), and
+the best of a grid of fixed ε for reference:
+
+=========================================  ==============================  ==============================  ================
+state                                      float32                         bfloat16 autocast               bf16 best ε
+=========================================  ==============================  ==============================  ================
+BERT classifier, init / +20 / +60 K-FAC    1.0e-3 / 9e-4 / 6e-4            0.11 / 0.21 / 0.12              0.12 / 0.06 / 0.09
+                                           (0.031 / 0.082 / 0.040)         (0.15 / 0.087 / 0.065)
+masked-LM BERT, init / +20 / +60 K-FAC     0.027 / 0.011 / 0.006           0.22 / 0.12 / 0.29              0.13 / 0.08 / 0.16
+                                           (0.045 / 0.012 / 0.008)         (0.15 / 0.50 / 0.90)
+GPT-2, LSTM LM                             1.2e-3, 4.9e-3 (0.044, 5.8e-3)  0.31, 0.32 (0.25, 0.88)         0.18, 0.12
+tanh/LayerNorm MLPs 5-8-3, 20-32-32-4      1.8e-3, 1.9e-3 (1.7e-3, 2.6e-3) 0.15, 0.19 (1.3, 0.92)          0.12, 0.08
+ReLU: mnist1d MLP, CNN, ResNet             2.5e-3, 1.1e-3, 7e-4            5, 1.4, 0.68                    1.3, 0.52, 0.42
+                                           (4.6e-4, 4.7, 1.3)              (9.6, 3.5, 1.3)
+=========================================  ==============================  ==============================  ================
+
+In float64 the error is 7e-8–1.1e-7 on the tiny, tanh and mnist1d MLPs (2e-8–1.5e-7
+before).
+Reading: in float32 at most 3% (the masked-LM BERT's 2.7% is the float32 rounding of
+its gradient, the same at every ε). Under bfloat16 no fixed ε does better than 6–18%
+on the smooth models and the rule lands within 0.9–3.7× of that best; ReLU networks
+have no usable ε under bfloat16 (best 0.4–1.3: the perturbation switches units on and
+off before it rises above the rounding), use ``hvp="exact"`` there. RENG's direction
+``∇L + ρH∇L`` carries the error times ``ρ‖H∇L‖/‖∇L + ρH∇L‖``: at the default
+ρ = 1e-3 on the two BERTs the direction is 0.3–1.2% off at the rule's ε under bfloat16,
+against 0.2–1% at the best ε, which is the bfloat16 rounding of ∇L itself.
+
+Under ``torch.autocast`` the first closure call runs in the caller's autocast state and
+so does the perturbed one, although the rest of the step runs with autocast off
+(:meth:`grng.CurvatureOptimizer.step`). Before the perturbed call the autocast cast
+cache is cleared, and again after it: with ``optimizer.step(closure)`` inside an open
+autocast block the cache still held the bfloat16 copies of the unperturbed weights,
+which the perturbed pass reused (H∇L error 0.60 on the BERT classifier, 0.98 on the
+20-32-32-4 MLP, against 0.11 and 0.19 with the cache cleared).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from grng._precision import compute_epsilon
+from grng._warnings import warn
 from grng.optim.base import Closure
 from grng.optim.kfac import KFAC
 from grng.optim.options import check_choice
@@ -65,7 +133,10 @@ _NO_GRAPH = (
 _NO_CLOSURE = (
     "RENG(hvp='finite_difference') re-evaluates the loss at a perturbed point: call "
     "optimizer.step(closure) with a closure that zeroes the gradients, computes the loss, "
-    "calls loss.backward() and returns the loss. No parameter or state was changed."
+    "calls loss.backward() and returns the loss. Where the loop is not yours (Hugging Face "
+    "Trainer calls optimizer.step() without a closure; Lightning with a GradScaler), use "
+    "RENG(..., hvp='exact') with grng.integrations.huggingface.GRNGTrainer or "
+    "grng.integrations.lightning.GRNGMixin. No parameter or state was changed."
 )
 _ACCUMULATED = (
     "RENG(hvp='finite_difference'): the gradient holds {passes} backward pass(es) run before "
@@ -189,6 +260,77 @@ class _BackwardPasses:
             handle.remove()
 
 
+class _OutputDtypes:
+    """The floating dtypes of the outputs of hooked modules, inside :meth:`observing`.
+
+    The forward hooks are plain functions over this object (not bound methods of
+    the optimizer), so ``copy.deepcopy(model)`` copies no optimizer along.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[torch.dtype] | None = None
+
+    def attach(self, module: nn.Module) -> RemovableHandle:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.note(output)
+
+        return module.register_forward_hook(hook)
+
+    def note(self, output: Any) -> None:
+        seen = self._seen
+        if seen is None:
+            return
+        # A tensor, or one level of a tuple/list/dict (an LSTM's, a transformers ModelOutput).
+        candidates: Iterable[Any]
+        if isinstance(output, Tensor):
+            candidates = (output,)
+        elif isinstance(output, dict):
+            candidates = output.values()
+        elif isinstance(output, (tuple, list)):
+            candidates = output
+        else:
+            return
+        for t in candidates:
+            if isinstance(t, Tensor) and t.is_floating_point():
+                seen.add(t.dtype)
+
+    @contextmanager
+    def observing(self) -> Iterator[set[torch.dtype]]:
+        """Collect the dtypes in the block into the yielded set."""
+        seen: set[torch.dtype] = set()
+        self._seen = seen
+        try:
+            yield seen
+        finally:
+            self._seen = None
+
+
+def loss_scale(scaler: Any) -> Tensor | None:
+    """The current scale of an enabled ``torch.amp.GradScaler`` (a device tensor, no
+    sync), or None without a scaler (or with a disabled one)."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, Tensor):
+        return scale.reshape(())
+    return torch.as_tensor(float(scaler.get_scale()))
+
+
+def graph_of_unscaled(gradient: Tensor, scale: Tensor) -> Tensor:
+    """``S·g`` by value, with the autograd graph of ``g`` (call with grad enabled).
+
+    A GradScaler multiplies the loss by ``S`` and later divides ``.grad`` by ``S``
+    in place (``unscale_``), which changes the values but not the graph: RENG
+    would differentiate ``½‖·‖²`` through the graph of ``S·g`` and get H∇L ``S``
+    times too large. ``S·g + (g − g.detach())`` has the scaled values the scaler
+    expects (its inf/NaN check included) and the graph of the unscaled gradient.
+    """
+    if gradient.grad_fn is None:
+        return gradient
+    unscaled = gradient / scale.to(device=gradient.device, dtype=gradient.dtype)
+    return gradient.detach() + (unscaled - unscaled.detach())
+
+
 def _buffer_snapshot(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """(buffer, copy of its value) for every buffer of ``model``, to undo a forward's updates."""
     return [(b, b.detach().clone()) for b in model.buffers()]
@@ -278,6 +420,20 @@ class RENG(KFAC):
             else None
         )
         self._zero_grad_calls = 0
+        #: Finite differences: the dtypes the step's first closure call computed in
+        #: (see ``_finite_difference_epsilon``); None outside that call and the step.
+        self._compute_dtypes: frozenset[torch.dtype] | None = None
+        self._output_dtypes = _OutputDtypes()
+        self._warned_unobserved = False
+        if self.hvp == "finite_difference":
+            # Registered once (a compiled model traces them into its graph); part of the
+            # capture's handles, so that ``capture.remove()`` detaches them too.
+            # A ScriptModule refuses forward hooks; it goes unobserved (module docstring).
+            for module in self.model.modules():
+                if isinstance(module, torch.jit.ScriptModule):
+                    continue
+                if next(module.parameters(recurse=False), None) is not None:
+                    self.capture._handles.append(self._output_dtypes.attach(module))
 
     def backward(self, loss: Tensor) -> None:
         """The gradients for :meth:`step`: ``loss.backward(create_graph=True)``, without the warning.
@@ -291,16 +447,24 @@ class RENG(KFAC):
         The statistics are captured as with ``loss.backward()``. With
         ``hvp="finite_difference"`` (no graph needed) it is ``loss.backward()``.
         Unlike ``loss.backward()``, it runs no post-accumulate-grad hooks.
+
+        With a GradScaler (``optimizer.grad_scaler = scaler``, then
+        ``optimizer.backward(scaler.scale(loss))`` and ``scaler.step(optimizer)``)
+        each gradient keeps the scaled values the scaler unscales and checks, with
+        the graph of the unscaled gradient (:func:`graph_of_unscaled`), so H∇L is
+        that of the unscaled loss.
         """
         if self.hvp != "exact":
             loss.backward()
             return
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        scale = loss_scale(self.grad_scaler)
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        for p, g in zip(params, grads, strict=True):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    g = g if scale is None else graph_of_unscaled(g, scale)
+                    p.grad = g if p.grad is None else p.grad + g
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -331,7 +495,13 @@ class RENG(KFAC):
 
         def checked_closure() -> Tensor:
             nonlocal first_call
-            loss = closure()
+            if first_call and self.hvp == "finite_difference":
+                # Which precision the clean pass computes in (the step ε depends on it).
+                with self._output_dtypes.observing() as seen:
+                    loss = closure()
+                self._compute_dtypes = frozenset(seen)
+            else:
+                loss = closure()
             if first_call and not self._any_gradient():
                 raise RuntimeError(self._no_gradient_message("after the closure ran"))
             if (
@@ -352,6 +522,7 @@ class RENG(KFAC):
             loss = super().step(checked_closure)
         finally:
             self._closure_rng = None
+            self._compute_dtypes = None
         assert self._passes is not None
         self._passes.reset()
         return loss
@@ -450,6 +621,38 @@ class RENG(KFAC):
             "Use RENG(..., hvp='finite_difference'), which needs no double backward."
         )
 
+    #: ``s`` in the finite-difference step ``ε = s·sqrt(eps_c)·(1 + mean|θ_i|)``
+    #: (module docstring, "The step ε").
+    finite_difference_scale: float = 0.2
+
+    def _finite_difference_epsilon(self, params: list[Tensor]) -> Tensor:
+        """``ε = s·sqrt(eps_c)·(1 + mean_i |θ_i|)``, a float64 device scalar (no sync).
+
+        ``eps_c`` is the machine epsilon of the lowest precision among the parameters'
+        dtypes and the dtypes the first closure call of this step computed in (see the
+        module docstring, "The step ε").
+        """
+        dtypes = {p.dtype for p in params}
+        observed = self._compute_dtypes
+        if observed is not None:
+            if not observed and not self._warned_unobserved:
+                self._warned_unobserved = True
+                warn(
+                    "RENG(hvp='finite_difference'): no module holding parameters ran during "
+                    "the closure's first call as far as its forward hooks saw (a model "
+                    "compiled and run before the optimizer was built?), so the step ε "
+                    "assumes the closure computes in the parameters' precision: under "
+                    "torch.autocast it is then too small and H∇L mostly rounding noise. "
+                    "Build the optimizer before the first call of the compiled model. "
+                    "Warning once.",
+                    RuntimeWarning,
+                )
+            dtypes |= observed
+        eps = compute_epsilon(dtypes)
+        abs_sum = torch.stack([p.detach().abs().sum(dtype=torch.float64) for p in params]).sum()
+        count = sum(p.numel() for p in params)
+        return self.finite_difference_scale * math.sqrt(eps) * (1.0 + abs_sum / max(count, 1))
+
     def _finite_difference_product(
         self, grads: dict[Tensor, Tensor], closure: Closure
     ) -> dict[Tensor, Tensor]:
@@ -464,8 +667,7 @@ class RENG(KFAC):
         clean = [grads[p].detach() for p in params]
         dtype = params[0].dtype
         norm = torch.sqrt(_sum_of_squares(g.double() for g in clean))
-        theta_norm = torch.sqrt(_sum_of_squares(p.detach().double() for p in params))
-        epsilon = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm)
+        epsilon = self._finite_difference_epsilon(params)
         # A zero gradient has a zero product; the clamp only avoids 0/0.
         shift = (epsilon / norm.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
         saved = [p.detach().clone() for p in params]
