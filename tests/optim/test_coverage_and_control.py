@@ -411,3 +411,16 @@ def test_max_factor_dim_says_which_sides_it_made_diagonal() -> None:
         warnings.simplefilter("error", grng.CoverageWarning)
         grng.KFAC(model, max_factor_dim=None)
         grng.KFAC(model)  # every side within the default cap
+
+
+def test_max_factor_dim_warning_skips_embedding_tokens_and_frozen_blocks() -> None:
+    """Regression: a frozen 30522-token word embedding (its token side diagonal by design)
+    was reported as a side the cap had made diagonal."""
+    model = nn.ModuleList([nn.Embedding(50, 4), nn.Linear(4, 13), nn.Linear(3, 2)])
+    model[1].requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", grng.CoverageWarning)
+        grng.KFAC(model, max_factor_dim=12)
+    model[1].requires_grad_(True)
+    with pytest.warns(grng.CoverageWarning, match=r"keeps 1 factor side.*1 G \(13\)"):
+        grng.KFAC(model, max_factor_dim=12)

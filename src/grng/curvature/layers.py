@@ -91,6 +91,8 @@ class KroneckerLayer:
     activation_diagonal: bool = False
     gradient_diagonal: bool = False
     estimate_diagonals: bool = False
+    #: The sides ("A", "G") that ``max_factor_dim`` made diagonal (not the adapter).
+    capped_sides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.adapter is None:
@@ -401,8 +403,16 @@ def find_kronecker_layers(
             ):
                 block.bias, block.bias_rows = None, None
             if max_factor_dim is not None:
-                block.activation_diagonal |= block.activation_dim > max_factor_dim
-                block.gradient_diagonal |= block.gradient_dim > max_factor_dim
+                block.capped_sides = tuple(
+                    side
+                    for side, dim, diagonal in (
+                        ("A", block.activation_dim, block.activation_diagonal),
+                        ("G", block.gradient_dim, block.gradient_diagonal),
+                    )
+                    if dim > max_factor_dim and not diagonal
+                )
+                block.activation_diagonal |= "A" in block.capped_sides
+                block.gradient_diagonal |= "G" in block.capped_sides
             own.append(block)
         # Claimed after the module's own blocks: attention's q, k and v share a weight.
         for block in own:

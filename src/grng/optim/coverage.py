@@ -229,14 +229,14 @@ def capped_sides_warning(optimizer: CurvatureOptimizer) -> str | None:
     cap = optimizer.options.max_factor_dim
     if cap is None:
         return None
+    # Only the cap's doing (an embedding's token side is diagonal by design), and only
+    # blocks that train now (a frozen block collects nothing).
     capped = [
         f"{layer.name} {side} ({dim})"
         for layer in optimizer.layers
-        for side, dim, diagonal in (
-            ("A", layer.activation_dim, layer.activation_diagonal),
-            ("G", layer.gradient_dim, layer.gradient_diagonal),
-        )
-        if diagonal and dim > cap
+        if layer.active
+        for side, dim in (("A", layer.activation_dim), ("G", layer.gradient_dim))
+        if side in layer.capped_sides
     ]
     if not capped:
         return None
