@@ -31,7 +31,7 @@ the device, the skipped-step counter too, and a skipped step is warned about at 
 end of the next refresh step (every ``inverse_update_freq`` steps), on CPU as
 elsewhere; ``nonfinite="raise"`` reads the flag on every step (one synchronisation).
 Denormal floats, which gradients become as the loss approaches 0 and which many CPUs
-process far more slowly than normal ones (issue #14 saw RING's step slow down on
+process far more slowly than normal ones (RING's step was seen to slow down on
 them, AdamW's not), are flushed to zero while :meth:`CurvatureOptimizer.step` runs
 after the closure's first call (RENG's finite-difference re-evaluation runs inside):
 ``torch.set_flush_denormal(True)``, switched off again on exit unless it was on

@@ -56,7 +56,7 @@ built, whose graph lacks the hooks), for which the step warns once and takes the
 parameters' precision; called directly, outside
 :meth:`RENG.step`, ``eps_c`` is the parameters'.
 
-Before issue #13 the step was ``sqrt(eps(parameter dtype))·(1 + ‖θ‖)``: in float32
+The earlier rule was ``sqrt(eps(parameter dtype))·(1 + ‖θ‖)``: in float32
 2e-3–7e-3 on the test kit's models, long enough to cross ReLU kinks and to be
 truncation-dominated, and under bfloat16 autocast below bfloat16's rounding of the
 perturbed weights, so that the difference was mostly noise. ``s`` = 0.2 minimised the
