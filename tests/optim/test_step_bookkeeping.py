@@ -247,17 +247,25 @@ def test_skipped_update_changes_nothing_even_with_nan_and_inf_directions() -> No
 
 @pytest.mark.parametrize("finite", [True, False])
 def test_running_averages_give_the_numbers_of_running_average(finite: bool) -> None:
-    """The diagonal Fisher's foreach blend is bitwise the per-tensor one: a state with
-    history, an empty one (first estimate replaces it), a skipped update."""
+    """The foreach blend is bitwise the per-tensor formula ``β old + (1 − β) estimate``:
+    a state with history, an empty one (the first estimate replaces it), a skipped
+    update; one state at a time (``running_average``) and several at once alike."""
     g = torch.Generator().manual_seed(0)
     estimates = [torch.rand(4, 3, generator=g), torch.rand(5, generator=g)]
-    one = [{"v": torch.rand(4, 3, generator=g), "v_updates": torch.tensor(3)}, {}]
+    old = torch.rand(4, 3, generator=g)
+    one = [{"v": old.clone(), "v_updates": torch.tensor(3)}, {}]
     many = copy.deepcopy(one)
     flag = torch.tensor(finite)
     for state, estimate in zip(one, estimates, strict=True):
         running_average(state, "v", estimate, 0.95, flag)
     running_averages(many, "v", estimates, 0.95, flag)
-    assert_same(one, many)
+    blended = old * 0.95 + estimates[0] * (1 - 0.95)
+    expected = [
+        {"v": blended if finite else old, "v_updates": torch.tensor(3 + finite)},
+        {"v": estimates[1] if finite else torch.zeros(5), "v_updates": torch.tensor(int(finite))},
+    ]
+    assert_same(one, expected)
+    assert_same(many, expected)
 
 
 def test_half_precision_gradients_are_squared_in_float32() -> None:

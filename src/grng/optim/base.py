@@ -1003,15 +1003,7 @@ def running_average(
     towards zero by (1 − β); ``state[key + "_updates"]`` counts the finite
     updates folded in.
     """
-    count_key = f"{key}_updates"
-    old = state.get(key)
-    count = state.get(count_key)
-    if old is None or count is None:
-        old = torch.zeros_like(estimate)
-        count = torch.zeros((), dtype=torch.int64, device=estimate.device)
-    blended = torch.where(count > 0, old * beta + estimate * (1 - beta), estimate)
-    state[key] = torch.where(finite, blended, old)
-    state[count_key] = count + finite.to(torch.int64)
+    running_averages([state], key, [estimate], beta, finite)
 
 
 def running_averages(
@@ -1021,7 +1013,7 @@ def running_averages(
     beta: float,
     finite: Tensor,
 ) -> None:
-    """:func:`running_average` of several states at once, with the same numbers.
+    """:func:`running_average` of several states at once.
 
     The blend ``β old + (1 − β) estimate`` is two foreach products and a foreach sum;
     only the masking (no foreach ``where`` exists) is per tensor.
