@@ -35,13 +35,17 @@ def test_quick_run_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     measured = ["adamw", "kfac", "reng", "reng-fd", *sorted(installed), "sgd"]
     for model in models:
         mine = {r["optimizer"]: r for r in rows if r["model"] == model}
-        # AdamW and both floors always; kfac-pytorch never (not on the package index).
+        # AdamW, SGD and both floors always; kfac-pytorch never (not on the package index).
         assert set(mine) == {*measured, "floor-kfac", "floor-ring"}
         assert all(r["status"] == "ok" for r in mine.values()), [r["note"] for r in rows]
         assert float(mine["adamw"]["median_rel"]) == float(mine["adamw"]["mean_rel"]) == 1.0
         assert float(mine["adamw"]["peak_rel"]) == 1.0
-        for floor in ("floor-kfac", "floor-ring"):  # (AdamW + floor) / AdamW
-            assert float(mine[floor]["median_rel"]) > 1.0 and mine[floor]["peak_mib"] == ""
+        ms = {name: (float(r["median_ms"]), float(r["mean_ms"])) for name, r in mine.items()}
+        for floor in ("floor-kfac", "floor-ring"):  # (SGD step + floor) / AdamW step
+            assert mine[floor]["peak_mib"] == ""
+            for i, key in enumerate(("median_rel", "mean_rel")):
+                expected = (ms["sgd"][i] + ms[floor][i]) / ms["adamw"][i]
+                assert float(mine[floor][key]) == pytest.approx(expected, rel=1e-6)
         assert all(int(r["rounds"]) == O.QUICK_ROUNDS for r in mine.values())
         assert float(mine["kfac"]["peak_mib"]) > 0
     md = (out / "overhead.md").read_text(encoding="utf-8")
@@ -72,7 +76,7 @@ def test_a_missing_peer_is_skipped_with_its_pip_command(
     rows = O.run(["ghost"], O.model_configs(quick=True)[:1], rounds=2, warmup=0, memory_steps=0,
                  device=torch.device("cpu"), out=tmp_path, progress=False,
                  full_cycles=False)  # fmt: skip
-    assert {r["optimizer"] for r in rows} == {"adamw", "floor-kfac", "floor-ring"}
+    assert {r["optimizer"] for r in rows} == {"adamw", "sgd", "floor-kfac", "floor-ring"}
     md = (tmp_path / "overhead.md").read_text(encoding="utf-8")
     assert "Ghost (ghost) skipped: not installed: pip install ghost-optimizer" in md
     assert "Peak memory ×AdamW" not in md and "Peak memory not measured" in md
