@@ -711,9 +711,9 @@ def _measure_model(
     del built, steps
 
     ref = times.get("adamw")
-    base = times.get("sgd")  # the floors' base (always measured)
-    base_median = statistics.median(base) if base else None
-    base_mean = statistics.fmean(base) if base else None
+    sgd = times.get("sgd")  # the floors' base (always measured)
+    base_median = statistics.median(sgd) if sgd else None
+    base_mean = statistics.fmean(sgd) if sgd else None
     ref_median = statistics.median(ref) if ref else None
     ref_mean = statistics.fmean(ref) if ref else None
     ref_memory = memory.get("adamw")
