@@ -69,6 +69,13 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     records = [rec("adamw", s, 0.5, None, 1.0, curves=curves) for s in (1, 2)]
     report.plot_task(records, task, ["adamw"], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    # The test metric against steps and against training seconds (language evidence).
+    fig = report.plot_task(records, task, ["adamw"], None)
+    _, by_step, by_time, _ = fig.axes
+    assert list(by_step.lines[0].get_xdata()) == [2, 3]
+    assert list(by_time.lines[0].get_xdata()) == [0.1, 0.2]
+    assert list(by_step.lines[0].get_ydata()) == list(by_time.lines[0].get_ydata()) == [0.3, 0.5]
+    assert by_step.get_xlabel() == "step" and by_time.get_xlabel() == "training time (s)"
 
 
 def timing(opt: str, median_ms: float, mean_ms: float, group: str = "g1") -> dict[str, Any]:

@@ -258,10 +258,12 @@ def _band(series: list[list[float]]) -> tuple[list[float], list[float], list[flo
 
 
 def plot_task(
-    records: Iterable[dict[str, Any]], task: Task, optimizers: Sequence[str], path: Path
-) -> None:
-    """One figure for ``task``: training loss vs steps, test metric vs training seconds,
-    gradient norm vs steps; one line per optimizer (mean over seeds) with a min–max band."""
+    records: Iterable[dict[str, Any]], task: Task, optimizers: Sequence[str], path: Path | None
+) -> Any:
+    """One figure for ``task``: training loss vs steps, the test metric vs steps and vs
+    training seconds, gradient norm vs steps; one line per optimizer (mean over seeds)
+    with a min–max band. Saved to ``path``; with ``path=None`` the open figure is returned
+    instead (for inspection)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,7 +274,8 @@ def plot_task(
         for r in records
         if r.get("phase") == "final" and r["task"] == task.name and r.get("status") == "ok"
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=80)
+    fig, grid = plt.subplots(2, 2, figsize=(11, 7), dpi=80)
+    axes = grid.ravel()
     colors = plt.get_cmap("tab10")
     for i, opt in enumerate(optimizers):
         runs = [r["curves"] for r in finals if r["optimizer"] == opt]
@@ -281,8 +284,9 @@ def plot_task(
         c = colors(i % 10)
         panels = [
             (axes[0], "log_step", "train_loss"),
-            (axes[1], "eval_seconds", "test_score"),
-            (axes[2], "log_step", "grad_norm"),
+            (axes[1], "eval_step", "test_score"),
+            (axes[2], "eval_seconds", "test_score"),
+            (axes[3], "log_step", "grad_norm"),
         ]
         for ax, xs, ys in panels:
             if not all(cv[ys] for cv in runs):
@@ -294,13 +298,18 @@ def plot_task(
             ax.plot(x[:n], mean[:n], color=c, label=opt, lw=1.3)
             ax.fill_between(x[:n], lo[:n], hi[:n], color=c, alpha=0.2, lw=0)
     axes[0].set(xlabel="step", ylabel="training loss (window mean)", yscale="log")
-    axes[1].set(xlabel="training time (s)", ylabel=task.metric)
-    axes[1].axhline(task.target, color="k", ls=":", lw=1)
-    axes[2].set(xlabel="step", ylabel="‖∇L(θ)‖ (mini-batch)", yscale="log")
+    axes[1].set(xlabel="step", ylabel=f"{task.metric} (test)")
+    axes[2].set(xlabel="training time (s)", ylabel=f"{task.metric} (test)")
+    for ax in axes[1:3]:
+        ax.axhline(task.target, color="k", ls=":", lw=1)
+    axes[3].set(xlabel="step", ylabel="‖∇L(θ)‖ (mini-batch)", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{task.name}: mean over seeds, band = min–max", fontsize=10)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path)
     plt.close(fig)
+    return None
