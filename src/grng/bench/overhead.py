@@ -27,8 +27,8 @@ Reported per model and optimizer, against torch's AdamW in the same rounds:
   ``(SGD step + floor) / AdamW step``: what an optimizer that did nothing but these
   products on top of SGD's step would cost. SGD's step, not AdamW's, is the base: a
   K-FAC-form update (grng's, ASDL's) is momentum SGD on the preconditioned gradient, and
-  SGD's step is AdamW's minus Adam's moment updates (0.83× AdamW's on the MLP at batch
-  128, so an AdamW base overstated that floor by 0.17).
+  SGD's step is AdamW's minus Adam's moment updates (0.84× AdamW's on the MLP at batch
+  128, so an AdamW base overstated that floor by 0.16).
 
 Optimizers (:data:`CONTENDERS`): grng's KFAC, RING, RENG (exact and finite differences)
 and R-Kalman, SGD, AdamW and SophiaG as the benchmark builds them, and the peers ASDL's
@@ -861,10 +861,10 @@ def run(
 ) -> list[dict[str, Any]]:
     """Measure every model (see the module docstring); write ``config.json`` first, then
     ``overhead.md`` and ``overhead.csv`` after each model; print each model's table row as
-    it finishes and the whole table at the end. AdamW (the reference), SGD (the floors' base) and both
-    floors are always measured. A contender that is not installed is skipped with a note naming its
-    pip command; one that fails on a model shows ``error`` there, with the message in the
-    notes. ``full_cycles`` (off for smoke tests): round ``rounds`` up to a multiple of every
+    it finishes and the whole table at the end. AdamW (the reference), SGD (the floors'
+    base) and both floors are always measured. A contender that is not installed is
+    skipped with a note naming its pip command; one that fails on a model shows ``error``
+    there, with the message in the notes. ``full_cycles`` (off for smoke tests): round ``rounds`` up to a multiple of every
     refresh period, and extend a contender's memory window past its first periodic
     refresh when that comes after ``memory_steps`` (Shampoo's first root: step 50)."""
     check_names(names)
