@@ -9,7 +9,7 @@ beside the other timing scripts. What it measures, and how, is in
 ``src/grng/bench/overhead.py``: every optimizer steps on its own copy of the model, one
 step each per round in a shuffled order (interleaved), on one thread; the median and mean
 step time and the peak memory are reported relative to torch's AdamW in the same rounds,
-beside the floor (AdamW's step plus the bare preconditioning products).
+beside the floor (SGD's step plus the bare preconditioning products, over AdamW's step).
 """
 
 from __future__ import annotations
