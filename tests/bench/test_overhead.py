@@ -15,7 +15,7 @@ from torch import nn
 import grng
 from grng.bench import cli
 from grng.bench import overhead as O
-from grng.bench.models import MLP
+from grng.bench.models import MLP, BertLikeEncoder
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -118,7 +118,7 @@ def test_floor_blocks_are_grng_kronecker_blocks() -> None:
         (256, 41, False, False), (256, 257, False, False), (10, 257, False, False)
     ]  # fmt: skip
     # The BERT-sized token embedding's 30522-wide side is kept diagonal (max_factor_dim).
-    bert = O.BertLikeEncoder(30522, hidden=8, n_layers=1, n_heads=2, intermediate=16)
+    bert = BertLikeEncoder(30522, hidden=8, n_layers=1, n_heads=2, intermediate=16)
     embedding = [(b.g, b.a, b.g_diagonal, b.a_diagonal) for b in O._kronecker_blocks(bert)]
     assert (8, 30522, False, True) in embedding
     for form in ("floor-kfac", "floor-ring"):
@@ -131,7 +131,7 @@ def test_floor_blocks_are_grng_kronecker_blocks() -> None:
 
 def test_bert_like_encoder() -> None:
     torch.manual_seed(0)
-    model = O.BertLikeEncoder(50, hidden=16, n_layers=2, n_heads=4, intermediate=32,
+    model = BertLikeEncoder(50, hidden=16, n_layers=2, n_heads=4, intermediate=32,
                               max_positions=8, num_classes=3)  # fmt: skip
     ids = torch.randint(0, 50, (5, 8))
     assert model(ids).shape == (5, 3)
@@ -143,7 +143,7 @@ def test_bert_like_encoder() -> None:
     kron = {e.name for e in coverage.entries if e.kind == "kronecker"}
     assert {f"layers.1.attn.{p}.weight" for p in "qkvo"} <= kron
     # Full size: MiniLM-L6's shape, ~22.7M parameters.
-    full = O.BertLikeEncoder(max_positions=64)
+    full = BertLikeEncoder(max_positions=64)
     assert sum(p.numel() for p in full.parameters()) == pytest.approx(22.7e6, rel=0.02)
 
 

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 import grng
-from grng.bench.models import MLP, CharTransformer, Conv1dNet
+from grng.bench.models import MLP, BertLikeEncoder, CharTransformer, Conv1dNet
 from grng.bench.optimizers import (
     OPTIMIZERS,
     SOPHIA_HESSIAN_INTERVAL,
@@ -87,7 +87,6 @@ __all__ = [
     "CONTENDERS",
     "DEFAULT_OPTIMIZERS",
     "DESCRIPTION",
-    "BertLikeEncoder",
     "Contender",
     "ModelConfig",
     "add_arguments",
@@ -111,90 +110,6 @@ PEER_FACTORS_EVERY, PEER_INVERSE_EVERY = 10, 50
 SHAMPOO_MAX_DIM = 4096
 #: Damping γ of the RING-form floor (any positive value costs the same).
 FLOOR_DAMPING = 1.0
-
-
-# --------------------------------------------------------------------------- models
-
-
-class BertSelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention with explicit q, k, v and output Linears."""
-
-    def __init__(self, hidden: int, n_heads: int) -> None:
-        super().__init__()
-        if hidden % n_heads:
-            raise ValueError(f"hidden={hidden} is not divisible by n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(hidden, hidden)
-        self.v = nn.Linear(hidden, hidden)
-        self.o = nn.Linear(hidden, hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        h = self.n_heads
-
-        def heads(y: Tensor) -> Tensor:  # B×T×D → B×H×T×(D/H)
-            return y.view(b, t, h, d // h).transpose(1, 2)
-
-        y = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
-        return self.o(y.transpose(1, 2).reshape(b, t, d))
-
-
-class BertLayer(nn.Module):
-    """BERT's post-LayerNorm layer: ``ln1(x + attn(x))``, then ``ln2(x + fc2(gelu(fc1(x))))``."""
-
-    def __init__(self, hidden: int, n_heads: int, intermediate: int) -> None:
-        super().__init__()
-        self.attn = BertSelfAttention(hidden, n_heads)
-        self.ln1 = nn.LayerNorm(hidden, eps=1e-12)
-        self.fc1 = nn.Linear(hidden, intermediate)
-        self.fc2 = nn.Linear(intermediate, hidden)
-        self.ln2 = nn.LayerNorm(hidden, eps=1e-12)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.ln1(x + self.attn(x))
-        return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
-
-
-class BertLikeEncoder(nn.Module):
-    """A BERT-style sequence classifier sized like MiniLM-L6 (6 layers, hidden 384, 12
-    heads, feed-forward 1536, BERT's 30522-token vocabulary), from ``nn.Linear``,
-    ``nn.Embedding`` and ``nn.LayerNorm`` only: token + position embeddings (no
-    token-type embedding) and a LayerNorm, post-LN layers, a tanh pooler over the first
-    token and a Linear classifier. Input ``(B, T)`` ids, output ``(B, num_classes)``;
-    weights drawn as BERT's (normal, std 0.02; zero biases)."""
-
-    def __init__(
-        self,
-        vocab_size: int = 30522,
-        hidden: int = 384,
-        n_layers: int = 6,
-        n_heads: int = 12,
-        intermediate: int = 1536,
-        max_positions: int = 512,
-        num_classes: int = 2,
-    ) -> None:
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab_size, hidden)
-        self.pos_emb = nn.Embedding(max_positions, hidden)
-        self.emb_ln = nn.LayerNorm(hidden, eps=1e-12)
-        self.layers = nn.ModuleList(
-            BertLayer(hidden, n_heads, intermediate) for _ in range(n_layers)
-        )
-        self.pooler = nn.Linear(hidden, hidden)
-        self.classifier = nn.Linear(hidden, num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.emb_ln(self.tok_emb(ids) + self.pos_emb(pos))
-        for layer in self.layers:
-            x = layer(x)
-        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
 
 
 Batch = tuple[Tensor, Tensor]
