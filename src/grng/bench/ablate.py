@@ -66,6 +66,7 @@ from grng.bench.cli import (
     _timestamp,
 )
 from grng.bench.optimizers import OPTIMIZERS, OptimizerSpec
+from grng.bench.report import mean_std, write_csv
 from grng.bench.tasks import SUITES, Task, get_task
 
 __all__ = [
@@ -335,8 +336,6 @@ def summarize(
     """One row per (task, optimizer, ρ) present in ``records`` (see :data:`SUMMARY_FIELDS`):
     means and sample standard deviations over the seeds that finished; a diverged seed is
     counted in ``seeds`` but not ``ok_seeds``."""
-    from grng.bench.report import mean_std
-
     rows = []
     for name, task in tasks.items():
         for opt in optimizers:
@@ -362,16 +361,6 @@ def summarize(
                     "hessian_mean": hess[0], "hessian_std": hess[1],
                 })  # fmt: skip
     return rows
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    import csv
-
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_FIELDS})
 
 
 def _pm(mean: float | None, std: float | None, spec: str) -> str:
@@ -572,7 +561,7 @@ def run(args: argparse.Namespace) -> int:
         r for r in log.records if key(r["task"], r["optimizer"], r["rho"], r["seed"]) in wanted
     ]
     rows = summarize(records, tasks, args.optimizers, args.rhos)
-    write_csv(rows, out / "summary.csv")
+    write_csv(rows, out / "summary.csv", SUMMARY_FIELDS)
     commits = sorted({str(r.get("commit", "unknown")) for r in records})
     protocol_text = "; ".join(
         f"{t}: {p.steps} steps, batch {p.batch_for(tasks[t])}, {p.seeds} seed(s), λmax from "

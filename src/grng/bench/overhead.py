@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import importlib
 import importlib.metadata
 import json
@@ -80,6 +79,7 @@ from grng.bench.optimizers import (
     reng_step,
     standard_step,
 )
+from grng.bench.report import write_csv
 from grng.bench.runner import git_commit, round_robin
 from grng.bench.tasks import get_task
 
@@ -761,11 +761,7 @@ def _markdown(
 
 def _write(out: Path, rows: list[dict[str, Any]], text: str) -> None:
     (out / "overhead.md").write_text(text, encoding="utf-8")
-    with (out / "overhead.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "" if r.get(k) is None else r[k] for k in CSV_FIELDS})
+    write_csv(rows, out / "overhead.csv", CSV_FIELDS)
 
 
 def run(

@@ -168,13 +168,16 @@ def summarize(
     return rows
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """``summary.csv``: :data:`SUMMARY_FIELDS`, empty cells for missing values."""
+def write_csv(
+    rows: Sequence[dict[str, Any]], path: Path, fields: Sequence[str] = SUMMARY_FIELDS
+) -> None:
+    """A CSV of ``rows`` with the columns ``fields`` (default :data:`SUMMARY_FIELDS`, the
+    summary's), empty cells for missing values."""
     with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+        w = csv.DictWriter(f, fieldnames=list(fields))
         w.writeheader()
         for row in rows:
-            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_FIELDS})
+            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
 
 
 def _fmt(v: float | None, spec: str) -> str:
