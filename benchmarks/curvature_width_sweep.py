@@ -11,22 +11,12 @@ fallbacks). Whole-step times of every optimizer are in ``benchmarks/overhead.py`
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from _timing import best_of
 
 from grng.linalg import damped_inverse, eigh_factor
 from grng.optim.rkalman import absorb_coordinates, kalman_absorb
-
-
-def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def sweep_row(width: int, k: int) -> tuple[float, float, float]:

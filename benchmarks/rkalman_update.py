@@ -20,11 +20,11 @@ float32 covariance, its smallest eigenvalue, and the largest relative asymmetry
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
+from _timing import best_of
 from torch import Tensor
 
 from grng.linalg import symmetrize
@@ -59,15 +59,6 @@ def update_current(p: Tensor, u: Tensor, index: Tensor, information: Tensor) -> 
 
 def _masked(update: Callable[..., Tensor], finite: Tensor, p: Tensor, *args: Tensor) -> Tensor:
     return torch.where(finite, update(p, *args), p)  # as _update_curvature masks it
-
-
-def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _inputs(

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _timing import best_of
 from torch import Tensor, nn
 
 import grng.curvature.capture as capture_module
@@ -252,15 +253,6 @@ def break_even(
         print(
             f"  d = {width:<4} every row {1e3 * full:6.3f}   drawn {1e3 * best_of(drawn, 30):6.3f}"
         )
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def run_case(
