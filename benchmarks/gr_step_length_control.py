@@ -18,21 +18,21 @@ change on these tasks.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
+from typing import Any
 
 import torch
 
 from grng.bench import ablate
 from grng.bench.cli import _load_tasks
+from grng.bench.report import mean_std
 from grng.bench.runner import RunSpec, train_run
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3g} ± {std:.2g}"
+def _cell(records: list[dict[str, Any]], key: str) -> str:
+    """Mean ± sample std of ``key`` over the records that have it."""
+    mean, std = mean_std([r[key] for r in records if r.get(key) is not None])
+    return "–" if mean is None else f"{mean:.3g} ± {std:.2g}"
 
 
 def main() -> None:
@@ -70,13 +70,9 @@ def main() -> None:
                                              protocol, device))  # fmt: skip
                     print(f"  {name} {opt} ×{scale:g} seed {seed}: {records[-1]['test_score']}",
                           file=sys.stderr)  # fmt: skip
-
-                def column(key: str, records: list[dict] = records) -> str:  # type: ignore[type-arg]
-                    return _mean_std([r[key] for r in records if r.get(key) is not None])
-
                 print(f"| {name} | {opt} | 0 | {lr * scale:.3g} (×{scale:g}) | "
-                      f"{column('test_score')} | {column('mean_grad_norm')} | "
-                      f"{column('hessian_top')} | {len(records)} |", flush=True)  # fmt: skip
+                      f"{_cell(records, 'test_score')} | {_cell(records, 'mean_grad_norm')} | "
+                      f"{_cell(records, 'hessian_top')} | {len(records)} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
