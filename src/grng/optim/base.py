@@ -266,12 +266,17 @@ class CurvatureOptimizer(Optimizer):
         try:
             # Collective: every rank raises (naming the difference) rather than hanging later.
             self.distributor.check_consistent(self._fingerprint())
-            for message in (diagonal_warning(self, self.coverage()), capped_sides_warning(self)):
+            for message in self._construction_warnings():
                 if message is not None:
                     warn(message, CoverageWarning)
         except BaseException:
             self.capture.remove()  # a failed constructor leaves no hook on the model
             raise
+
+    def _construction_warnings(self) -> list[str | None]:
+        """The coverage messages the constructor warns with (None: nothing to say); a
+        subclass extends the list."""
+        return [diagonal_warning(self, self.coverage()), capped_sides_warning(self)]
 
     def coverage(self) -> Coverage:
         """Which curvature each parameter of the model gets now (printable table).

@@ -57,7 +57,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from grng._warnings import warn
 from grng.curvature import FactorEstimate, KroneckerLayer
 from grng.linalg import (
     damped_inverse,
@@ -80,7 +79,7 @@ from grng.optim.base import (
     running_average,
     sqrt_damping_split,
 )
-from grng.optim.coverage import CoverageWarning, expensive_sides_warning
+from grng.optim.coverage import expensive_sides_warning
 from grng.optim.options import (
     DEFAULT_MAX_FACTOR_DIM,
     DEFAULT_MAX_STATISTICS_ROWS,
@@ -195,20 +194,16 @@ class KFAC(CurvatureOptimizer):
         #: was built for (:meth:`_constant_damping_solve`). Derived data, rebuilt on demand,
         #: so it stays out of ``state`` and ``state_dict``.
         self._spectra: dict[str, tuple[tuple[Any, ...], tuple[Tensor, ...]]] = {}
-        message = expensive_sides_warning(
-            self,
-            self.refresh_seconds,
-            EXPENSIVE_REFRESH_SECONDS,
-            "eigh"
-            if self.options.inverse == "eigh"
-            else "float32 Cholesky inverse + float64 check",
+
+    def _construction_warnings(self) -> list[str | None]:
+        """The base's, and the warning about factor sides whose refresh would be slow."""
+        route = (
+            "eigh" if self.options.inverse == "eigh" else "float32 Cholesky inverse + float64 check"
         )
-        if message is not None:
-            try:
-                warn(message, CoverageWarning)
-            except BaseException:
-                self.capture.remove()  # a warning turned error leaves no hook on the model
-                raise
+        expensive = expensive_sides_warning(
+            self, self.refresh_seconds, EXPENSIVE_REFRESH_SECONDS, route
+        )
+        return [*super()._construction_warnings(), expensive]
 
     def refresh_seconds(self, dim: int) -> float:
         """Estimated seconds to refresh one dense factor side of width ``dim`` on one CPU core.
