@@ -387,20 +387,22 @@ class CurvatureCapture:
             sums.passes += 1
             sums.last_task = task
 
-    def _keep(self, rows: Tensor, salt: int) -> Tensor:
-        """``keep_rows`` random rows scaled by ``sqrt(n / kept)`` (all rows if ``n ≤ k``)."""
-        assert self.keep_rows is not None
-        return self._subset(rows, self.keep_rows, salt)
+    def _generator(self, device: torch.device, salt: int) -> torch.Generator:
+        """The generator of one draw of rows, seeded by ``row_seed`` and ``salt``."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.row_seed * 2_147_483_647 + salt) % (2**63))
+        return generator
 
-    def _subset(self, rows: Tensor, k: int, salt: int) -> Tensor:
-        """``k`` rows drawn uniformly without replacement, seeded by ``row_seed`` and
-        ``salt``, scaled by ``sqrt(n / k)`` so that ``E[subsetᵀ subset] = rowsᵀ rows``;
-        all rows, unscaled, if ``n ≤ k``."""
+    def _keep(self, rows: Tensor, salt: int) -> Tensor:
+        """``k = keep_rows`` rows drawn uniformly without replacement, scaled by
+        ``sqrt(n / k)`` so that ``E[keptᵀ kept] = rowsᵀ rows``; all rows, unscaled, if
+        ``n ≤ k``."""
+        k = self.keep_rows
+        assert k is not None
         n = rows.shape[0]
         if n <= k:
             return rows
-        generator = torch.Generator(device=rows.device)
-        generator.manual_seed((self.row_seed * 2_147_483_647 + salt) % (2**63))
+        generator = self._generator(rows.device, salt)
         index = torch.randperm(n, generator=generator, device=rows.device)[:k]
         return rows.index_select(0, index) * (n / k) ** 0.5
 
@@ -419,8 +421,7 @@ class CurvatureCapture:
         n = rows.shape[0]
         if n <= k or rows.shape[1] < MIN_SUBSET_WIDTH:
             return rows
-        generator = torch.Generator(device=rows.device)
-        generator.manual_seed((self.row_seed * 2_147_483_647 + salt) % (2**63))
+        generator = self._generator(rows.device, salt)
         # ‖r_i‖² in float64 (the probabilities are cumulated to k); the norm without a
         # float64 copy of the rows.
         weight = torch.linalg.vector_norm(rows, dim=1).to(torch.float64).square()
