@@ -320,6 +320,10 @@ def _default_damping(optimizer: str) -> float:
     return float(inspect.signature(getattr(grng, cls_name)).parameters["damping"].default)
 
 
+def _run_key(task: str, opt: str, rho: float, seed: int) -> tuple[str, str, str, int]:
+    return (task, opt, _rho_key(rho), int(seed))
+
+
 def _rho_key(rho: float) -> str:
     return f"{rho:.6g}"
 
@@ -450,6 +454,65 @@ def plot(rows: Sequence[dict[str, Any]], tasks: dict[str, Task], path: Path) -> 
 # --------------------------------------------------------------------------- run
 
 
+def write_summary(
+    out: Path,
+    records: Sequence[dict[str, Any]],
+    tasks: dict[str, Task],
+    optimizers: Sequence[str],
+    rhos: Sequence[float],
+    protocols: dict[str, Any],
+    device: str,
+    provenance: dict[str, str],
+    note: str,
+) -> str:
+    """The ablation's ``summary.csv``, ``summary.md`` and ``ablation.png`` from its run
+    records; returns the markdown. ``note`` ends the header (what this invocation did)."""
+    from grng.bench.cli import _threads_text, partial_note
+
+    rows = summarize(records, tasks, optimizers, rhos)
+    write_csv(rows, out / "summary.csv", SUMMARY_FIELDS)
+    protocol_text = "; ".join(
+        f"{t}: {p.steps} steps, batch {p.batch_for(tasks[t])}, {p.seeds} seed(s), λmax from "
+        f"{p.hessian_iters} power iterations on {p.hessian_batch} examples"
+        for t, p in protocols.items()
+    )
+    header = (
+        f"# grng bench ablate — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — grng "
+        f"{provenance['grng_version']}, commit {provenance['commit']}\n\n"
+        f"ρ ∈ {{{', '.join(f'{r:g}' for r in rhos)}}}, lr and damping fixed per "
+        f"(task, optimizer); {protocol_text}; device {device}, "
+        f"{_threads_text(records)} thread(s); {note}."
+    )
+    planned = sum(len(optimizers) * len(rhos) * protocols[t].seeds for t in tasks)
+    header += partial_note(len(records), planned)
+    commits = sorted({str(r.get("commit", "unknown")) for r in records})
+    if commits != [provenance["commit"]]:
+        header += f" Runs come from commits {', '.join(commits)} (see runs.jsonl)."
+    text = format_markdown(rows, tasks, header)
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    plot(rows, tasks, out / "ablation.png")
+    return text
+
+
+def summarize_folder(out: Path, config: dict[str, Any], provenance: dict[str, str]) -> str:
+    """``grng bench report`` for an ablation folder: its summary regenerated from its
+    ``config.json`` and ``runs.jsonl`` (every task and rate the folder's invocations ran,
+    finished runs only), no training; returns the markdown."""
+    from grng.bench.runner import Protocol, RunLog
+
+    protocols = {t: Protocol(**p) for t, p in config["protocols"].items()}
+    tasks = {t: get_task(t) for t in protocols}
+    records = RunLog(out / "runs.jsonl", write=False).records
+    optimizers = list(dict.fromkeys([*config["optimizers"], *(r["optimizer"] for r in records)]))
+    rhos = list(config["rhos"])
+    wanted = {_run_key(t, o, rho, s) for t in tasks for o in optimizers for rho in rhos
+              for s in range(1, protocols[t].seeds + 1)}  # fmt: skip
+    records = [r for r in records
+               if _run_key(r["task"], r["optimizer"], r["rho"], r["seed"]) in wanted]  # fmt: skip
+    return write_summary(out, records, tasks, optimizers, rhos, protocols, config["device"],
+                         provenance, "summarised by `grng bench report`, no training")  # fmt: skip
+
+
 def _prepare_out(args: argparse.Namespace, config: dict[str, Any]) -> Path:
     """Create (or, with ``--resume``, reuse) the results folder and write ``config.json``.
 
@@ -523,10 +586,7 @@ def run(args: argparse.Namespace) -> int:
     out = _prepare_out(args, config)
     log = RunLog(out / "runs.jsonl", stamp=provenance)
 
-    def key(task: str, opt: str, rho: float, seed: int) -> tuple[str, str, str, int]:
-        return (task, opt, _rho_key(rho), int(seed))
-
-    done = {key(r["task"], r["optimizer"], r["rho"], r["seed"]) for r in log.records}
+    done = {_run_key(r["task"], r["optimizer"], r["rho"], r["seed"]) for r in log.records}
     plan = [(t, o, rho, s) for t in args.tasks for o in args.optimizers for rho in args.rhos
             for s in range(1, protocols[t].seeds + 1)]  # fmt: skip
     total = sum(protocols[t].steps for t, *_ in plan)
@@ -535,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
               disable=args.quiet, dynamic_ncols=True, smoothing=0.05) as bar:  # fmt: skip
         for task_name, opt, rho, seed in plan:
             protocol = protocols[task_name]
-            if key(task_name, opt, rho, seed) in done:
+            if _run_key(task_name, opt, rho, seed) in done:
                 bar.update(protocol.steps)
                 continue
             task, data = loaded[task_name]
@@ -553,33 +613,15 @@ def run(args: argparse.Namespace) -> int:
                           "error": f"{type(exc).__name__}: {exc}", "test_score": None}  # fmt: skip
             log.append({**record, "rho": rho, "lr_source": source,
                         "damping": _default_damping(opt)})  # fmt: skip
-            done.add(key(task_name, opt, rho, seed))
+            done.add(_run_key(task_name, opt, rho, seed))
     elapsed = time.perf_counter() - start
 
-    wanted = {key(*p) for p in plan}
+    wanted = {_run_key(*p) for p in plan}
     records = [
-        r for r in log.records if key(r["task"], r["optimizer"], r["rho"], r["seed"]) in wanted
+        r for r in log.records if _run_key(r["task"], r["optimizer"], r["rho"], r["seed"]) in wanted
     ]
-    rows = summarize(records, tasks, args.optimizers, args.rhos)
-    write_csv(rows, out / "summary.csv", SUMMARY_FIELDS)
-    commits = sorted({str(r.get("commit", "unknown")) for r in records})
-    protocol_text = "; ".join(
-        f"{t}: {p.steps} steps, batch {p.batch_for(tasks[t])}, {p.seeds} seed(s), λmax from "
-        f"{p.hessian_iters} power iterations on {p.hessian_batch} examples"
-        for t, p in protocols.items()
-    )
-    header = (
-        f"# grng bench ablate — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — grng "
-        f"{provenance['grng_version']}, commit {provenance['commit']}\n\n"
-        f"ρ ∈ {{{', '.join(f'{r:g}' for r in args.rhos)}}}, lr and damping fixed per "
-        f"(task, optimizer); {protocol_text}; device {device}, "
-        f"{torch.get_num_threads()} thread(s); this invocation took {elapsed:.0f} s."
-    )
-    if commits != [provenance["commit"]]:
-        header += f" Runs come from commits {', '.join(commits)} (see runs.jsonl)."
-    text = format_markdown(rows, tasks, header)
-    (out / "summary.md").write_text(text, encoding="utf-8")
-    plot(rows, tasks, out / "ablation.png")
+    text = write_summary(out, records, tasks, args.optimizers, args.rhos, protocols,
+                         str(device), provenance, f"this invocation took {elapsed:.0f} s")  # fmt: skip
     errors = [r for r in records if r.get("status") == "error"]
     print(text)
     print(f"results in {out}/ ({len(records)} runs; {elapsed:.0f} s)")

@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ablate.add_arguments(abl)
+    rep = bsub.add_parser(
+        "report",
+        help="regenerate the summary of results folders from their records, without training",
+        description=(
+            "Rewrite summary.md, summary.csv and the plots of each FOLDER (a grng bench or "
+            "grng bench ablate results folder) from its config.json and runs.jsonl (and "
+            "timing.jsonl), without training: to look at a suite that is still running or "
+            "was stopped (the header then says how many runs are missing), or to redraw "
+            "finished results with this grng's tables and plots."
+        ),
+    )
+    rep.add_argument("folders", type=Path, nargs="+", metavar="FOLDER")
     return root
 
 
@@ -296,7 +308,6 @@ def _run_preset(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     if getattr(args, "suite", None) is not None:
         return _run_preset(args)
-    from grng.bench import report
     from grng.bench.runner import RunLog, git_commit, run_suite, total_steps
 
     device = _check_common(args)
@@ -309,7 +320,6 @@ def _run_bench(args: argparse.Namespace) -> int:
         info = init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
         device = info.device
     main_rank = info is None or info.is_main
-    ranks = f"{info.world_size} rank(s), {info.backend or 'no'} backend" if info else "1 process"
     # The code that produced the results: in config.json, every run record, summary.md.
     provenance = {"commit": git_commit(), "grng_version": grng.__version__}
     config = {"protocol": asdict(protocol), "device": str(device),
@@ -348,29 +358,131 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 0
 
     task_objs = {name: t for name, (t, _) in tasks.items()}
-    rows = report.summarize(records, task_objs, args.optimizers)
-    report.write_csv(rows, out / "summary.csv")
-    header = (
-        f"# grng bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — grng "
-        f"{provenance['grng_version']}, commit {provenance['commit']}\n\n"
-        f"{protocol.steps} steps (tuning {protocol.steps_for('tune')}), batch "
-        f"{protocol.batch_size or 'task default'}, lr grid {protocol.lr_grid}, "
-        f"{protocol.seeds} seeds, device {device}, {ranks}, {torch.get_num_threads()} "
-        "thread(s) each; "
-        f"test metric mean ± std over seeds; this invocation took {elapsed:.0f} s."
-    )
-    # A --resume can summarise runs of earlier code: say so rather than imply one commit.
-    commits = sorted({str(r.get("commit", "unknown")) for r in records})
-    if commits != [provenance["commit"]]:
-        header += f" Runs come from commits {', '.join(commits)} (see runs.jsonl)."
-    text = report.write_markdown(rows, task_objs, out / "summary.md", header)
-    for name, task in task_objs.items():
-        report.plot_task(records, task, args.optimizers, out / f"{name}.png")
+    text = write_summary(out, records, task_objs, args.optimizers, protocol, str(device),
+                         provenance, f"this invocation took {elapsed:.0f} s")  # fmt: skip
     errors = [r for r in records if r.get("status") == "error"]
     print(text)
     print(f"results in {out}/ ({len(records)} runs; {elapsed:.0f} s)")
     if errors:
         print(f"warning: {len(errors)} run(s) failed; see 'error' in runs.jsonl", file=sys.stderr)
+    return 0
+
+
+def _threads_text(records: Sequence[dict[str, Any]]) -> str:
+    """The thread counts the runs recorded ("1", or "1, 2" for a mixed resume)."""
+    counts = sorted({int(r["threads"]) for r in records if r.get("threads") is not None})
+    return ", ".join(map(str, counts or [torch.get_num_threads()]))
+
+
+def _ranks_text(records: Sequence[dict[str, Any]]) -> str:
+    """How the runs were distributed, from their records: "1 process" or "N rank(s), B backend"."""
+    ranks = max((int(r.get("ranks") or 1) for r in records), default=1)
+    if ranks == 1:
+        return "1 process"
+    backend = next((r["backend"] for r in records if r.get("backend")), None)
+    return f"{ranks} rank(s), {backend or 'no'} backend"
+
+
+def planned_runs(
+    records: Sequence[dict[str, Any]], tasks: dict[str, Task], optimizers: Sequence[str],
+    protocol: Any,
+) -> int:  # fmt: skip
+    """The training runs a suite makes: per (task, optimizer) ``lr_grid`` tuning runs and
+    ``seeds`` finals, except that a pair whose every tuning rate diverged has no finals."""
+    from grng.bench.runner import choose_lr
+
+    planned = 0
+    for name, task in tasks.items():
+        for opt in optimizers:
+            tunes = [r for r in records if r["task"] == name and r["optimizer"] == opt
+                     and r.get("phase") == "tune"]  # fmt: skip
+            all_diverged = len(tunes) >= protocol.lr_grid and choose_lr(tunes, task) is None
+            planned += protocol.lr_grid + (0 if all_diverged else protocol.seeds)
+    return planned
+
+
+def partial_note(done: int, planned: int) -> str:
+    """The summary header's warning when runs are missing (a suite stopped or still running)."""
+    if done >= planned:
+        return ""
+    return (f" **Partial: runs.jsonl holds {done} of the {planned} planned runs** (the suite "
+            "is still running or was stopped; `--resume` completes it).")  # fmt: skip
+
+
+def write_summary(
+    out: Path,
+    records: Sequence[dict[str, Any]],
+    tasks: dict[str, Task],
+    optimizers: Sequence[str],
+    protocol: Any,
+    device: str,
+    provenance: dict[str, str],
+    note: str,
+) -> str:
+    """A suite's ``summary.csv``, ``summary.md`` and ``<task>.png`` from its records (runs and
+    interleaved timings); returns the markdown. ``note`` ends the header (what this
+    invocation did). Ranks and threads are those the runs recorded."""
+    from grng.bench import report
+
+    rows = report.summarize(records, tasks, optimizers)
+    report.write_csv(rows, out / "summary.csv")
+    runs = [r for r in records if r.get("phase") in ("tune", "final")]
+    header = (
+        f"# grng bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — grng "
+        f"{provenance['grng_version']}, commit {provenance['commit']}\n\n"
+        f"{protocol.steps} steps (tuning {protocol.steps_for('tune')}), batch "
+        f"{protocol.batch_size or 'task default'}, lr grid {protocol.lr_grid}, "
+        f"{protocol.seeds} seeds, device {device}, {_ranks_text(runs)}, "
+        f"{_threads_text(runs)} thread(s) each; "
+        f"test metric mean ± std over seeds; {note}."
+    )
+    header += partial_note(len(runs), planned_runs(runs, tasks, optimizers, protocol))
+    # A --resume can summarise runs of earlier code: say so rather than imply one commit.
+    commits = sorted({str(r.get("commit", "unknown")) for r in records})
+    if commits != [provenance["commit"]]:
+        header += f" Runs come from commits {', '.join(commits)} (see runs.jsonl)."
+    text = report.write_markdown(rows, tasks, out / "summary.md", header)
+    for name, task in tasks.items():
+        report.plot_task(records, task, optimizers, out / f"{name}.png")
+    return text
+
+
+def summarize_folder(out: Path, config: dict[str, Any], provenance: dict[str, str]) -> str:
+    """``grng bench report`` for a suite folder: its summary regenerated from its
+    ``config.json``, ``runs.jsonl`` and ``timing.jsonl``, no training; returns the markdown."""
+    from grng.bench.runner import Protocol, RunLog
+
+    protocol = Protocol(**config["protocol"])
+    tasks = {name: get_task(name) for name in config["tasks"]}
+    optimizers = list(config["optimizers"])
+    runs, timings = (RunLog(out / f, write=False).records for f in ("runs.jsonl", "timing.jsonl"))
+    records = [r for r in runs if r["task"] in tasks and r["optimizer"] in optimizers]
+    records += [r for r in timings if r["task"] in tasks]
+    return write_summary(out, records, tasks, optimizers, protocol, config["device"],
+                         provenance, "summarised by `grng bench report`, no training")  # fmt: skip
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from grng.bench import ablate
+    from grng.bench.runner import git_commit
+
+    configs = []
+    for folder in args.folders:  # every folder checked before any summary is rewritten
+        if not (folder / "config.json").is_file() or not (folder / "runs.jsonl").is_file():
+            raise UsageError(f"{folder}: not a results folder (it needs config.json and "
+                             "runs.jsonl, as grng bench and grng bench ablate write them)")  # fmt: skip
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            for name in config.get("protocols", config.get("tasks", [])):
+                get_task(name)
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise UsageError(f"{folder}/config.json: {exc}") from None
+        configs.append(config)
+    provenance = {"commit": git_commit(), "grng_version": grng.__version__}
+    for folder, config in zip(args.folders, configs, strict=True):
+        summarize = ablate.summarize_folder if "rhos" in config else summarize_folder
+        print(summarize(folder, config, provenance))
+        print(f"summary regenerated in {folder}/")
     return 0
 
 
@@ -390,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "bench" and args.bench_command == "overhead":
             return _run_overhead(args)
+        if args.command == "bench" and args.bench_command == "report":
+            return _run_report(args)
         if args.command == "bench" and args.bench_command == "ablate":
             from grng.bench import ablate
 
