@@ -4,6 +4,7 @@ before anything is rewritten."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_partial_suite_is_flagged(
     no_training(monkeypatch)
     assert report(out) == 0
     md = (out / "summary.md").read_text()
-    assert "**Partial: runs.jsonl holds 3 of the 4 planned runs**" in md
+    assert "**Partial: runs.jsonl holds 3 of the 4 runs planned**" in md
     assert "| sgd |" in md  # the finished pair is reported; adamw has no final run yet
 
 
@@ -89,11 +90,18 @@ def test_ablation_summary_regenerated(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (out / "summary.csv").read_text() == before["summary.csv"]
     assert tables((out / "summary.md").read_text()) == tables(before["summary.md"])
     assert (out / "ablation.png").stat().st_size > 1000
+    # a later --resume that ran only ρ = 0 rewrote config.json's rhos: ρ = 0.1 stays
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rhos": [0.0]}))
+    assert report(out) == 0
+    assert (out / "summary.csv").read_text() == before["summary.csv"]
+    assert "Partial" not in (out / "summary.md").read_text()
+    (out / "config.json").write_text(json.dumps(config))
     # one run missing: flagged, and its row reports what is there
     lines = (out / "runs.jsonl").read_text().splitlines(keepends=True)
     (out / "runs.jsonl").write_text(lines[0])
     assert report(out) == 0
-    assert "holds 1 of the 2 planned runs" in (out / "summary.md").read_text()
+    assert "holds 1 of the 2 runs planned" in (out / "summary.md").read_text()
 
 
 def test_bad_folder_exits_2_and_rewrites_nothing(
@@ -108,7 +116,27 @@ def test_bad_folder_exits_2_and_rewrites_nothing(
     assert err.startswith("grng bench: error: ") and f"{empty}: not a results folder" in err
     assert err.count("\n") == 1
     assert not (good / "summary.md").exists()  # checked every folder before writing any
-    broken = copy_of(suite, tmp_path / "broken")
-    (broken / "config.json").write_text("{not json")
-    assert report(broken) == 2
-    assert "config.json" in capsys.readouterr().err
+    for text in ("{not json", '{"protocol": {"stepz": 3}, "device": "cpu", "tasks": [], '
+                 '"optimizers": []}'):  # fmt: skip
+        broken = copy_of(suite, tmp_path / f"broken{len(text)}")
+        (broken / "config.json").write_text(text)
+        (broken / "summary.md").unlink()
+        assert report(broken) == 2
+        err = capsys.readouterr().err
+        assert "does not describe a grng bench results folder" in err and err.count("\n") == 1
+        assert not (broken / "summary.md").exists()
+
+
+def test_a_resume_with_fewer_optimizers_keeps_the_earlier_rows(
+    suite: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--resume with --optimizers adamw rewrites config.json's list; the report still shows
+    sgd's runs, and counts as planned only the latest invocation's pairs."""
+    out = copy_of(suite, tmp_path / "res")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "optimizers": ["adamw"]}))
+    no_training(monkeypatch)
+    assert report(out) == 0
+    md = (out / "summary.md").read_text()
+    assert "| sgd |" in md and "| adamw |" in md and "Partial" not in md
+    assert len((out / "summary.csv").read_text().splitlines()) == 3  # header + 2 rows

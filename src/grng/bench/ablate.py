@@ -454,6 +454,18 @@ def plot(rows: Sequence[dict[str, Any]], tasks: dict[str, Task], path: Path) -> 
 # --------------------------------------------------------------------------- run
 
 
+def planned_runs(
+    records: Sequence[dict[str, Any]], tasks: Sequence[str], optimizers: Sequence[str],
+    rhos: Sequence[float], protocols: dict[str, Any],
+) -> tuple[int, int]:  # fmt: skip
+    """``(done, planned)``: the runs of ``tasks`` × ``optimizers`` × ``rhos`` × each task's
+    seeds, and how many of them ``records`` holds."""
+    have = {_run_key(r["task"], r["optimizer"], r["rho"], r["seed"]) for r in records}
+    plan = [_run_key(t, o, rho, s) for t in tasks for o in optimizers for rho in rhos
+            for s in range(1, protocols[t].seeds + 1)]  # fmt: skip
+    return sum(k in have for k in plan), len(plan)
+
+
 def write_summary(
     out: Path,
     records: Sequence[dict[str, Any]],
@@ -464,10 +476,12 @@ def write_summary(
     device: str,
     provenance: dict[str, str],
     note: str,
+    progress: tuple[int, int],
 ) -> str:
     """The ablation's ``summary.csv``, ``summary.md`` and ``ablation.png`` from its run
-    records; returns the markdown. ``note`` ends the header (what this invocation did)."""
-    from grng.bench.cli import _threads_text, partial_note
+    records; returns the markdown. ``note`` ends the header's first sentence (what this
+    invocation did); ``progress`` (done, planned) says how many runs are missing."""
+    from grng.bench.report import provenance_note, threads_text
 
     rows = summarize(records, tasks, optimizers, rhos)
     write_csv(rows, out / "summary.csv", SUMMARY_FIELDS)
@@ -481,13 +495,9 @@ def write_summary(
         f"{provenance['grng_version']}, commit {provenance['commit']}\n\n"
         f"ρ ∈ {{{', '.join(f'{r:g}' for r in rhos)}}}, lr and damping fixed per "
         f"(task, optimizer); {protocol_text}; device {device}, "
-        f"{_threads_text(records)} thread(s); {note}."
+        f"{threads_text(records)} thread(s); {note}."
+        + provenance_note(records, provenance["commit"], *progress)
     )
-    planned = sum(len(optimizers) * len(rhos) * protocols[t].seeds for t in tasks)
-    header += partial_note(len(records), planned)
-    commits = sorted({str(r.get("commit", "unknown")) for r in records})
-    if commits != [provenance["commit"]]:
-        header += f" Runs come from commits {', '.join(commits)} (see runs.jsonl)."
     text = format_markdown(rows, tasks, header)
     (out / "summary.md").write_text(text, encoding="utf-8")
     plot(rows, tasks, out / "ablation.png")
@@ -496,21 +506,24 @@ def write_summary(
 
 def summarize_folder(out: Path, config: dict[str, Any], provenance: dict[str, str]) -> str:
     """``grng bench report`` for an ablation folder: its summary regenerated from its
-    ``config.json`` and ``runs.jsonl`` (every task and rate the folder's invocations ran,
-    finished runs only), no training; returns the markdown."""
+    ``config.json`` and ``runs.jsonl``, no training; returns the markdown. It reports every
+    task, optimizer and ρ the records hold (a ``--resume`` rewrites ``config.json``'s
+    lists); the missing runs it counts are those of the latest invocation's plan."""
     from grng.bench.runner import Protocol, RunLog
 
     protocols = {t: Protocol(**p) for t, p in config["protocols"].items()}
     tasks = {t: get_task(t) for t in protocols}
-    records = RunLog(out / "runs.jsonl", write=False).records
+    records = [r for r in RunLog(out / "runs.jsonl", write=False).records if r["task"] in tasks]
     optimizers = list(dict.fromkeys([*config["optimizers"], *(r["optimizer"] for r in records)]))
-    rhos = list(config["rhos"])
-    wanted = {_run_key(t, o, rho, s) for t in tasks for o in optimizers for rho in rhos
-              for s in range(1, protocols[t].seeds + 1)}  # fmt: skip
-    records = [r for r in records
-               if _run_key(r["task"], r["optimizer"], r["rho"], r["seed"]) in wanted]  # fmt: skip
+    by_key = {
+        _rho_key(float(rho)): float(rho) for rho in [*config["rhos"], *(r["rho"] for r in records)]
+    }
+    rhos = sorted(by_key.values())
+    progress = planned_runs(records, config["tasks"], config["optimizers"], config["rhos"],
+                            protocols)  # fmt: skip
     return write_summary(out, records, tasks, optimizers, rhos, protocols, config["device"],
-                         provenance, "summarised by `grng bench report`, no training")  # fmt: skip
+                         provenance, "summarised by `grng bench report`, no training",
+                         progress)  # fmt: skip
 
 
 def _prepare_out(args: argparse.Namespace, config: dict[str, Any]) -> Path:
@@ -620,8 +633,10 @@ def run(args: argparse.Namespace) -> int:
     records = [
         r for r in log.records if _run_key(r["task"], r["optimizer"], r["rho"], r["seed"]) in wanted
     ]
+    progress = planned_runs(records, args.tasks, args.optimizers, args.rhos, protocols)
     text = write_summary(out, records, tasks, args.optimizers, args.rhos, protocols,
-                         str(device), provenance, f"this invocation took {elapsed:.0f} s")  # fmt: skip
+                         str(device), provenance, f"this invocation took {elapsed:.0f} s",
+                         progress)  # fmt: skip
     errors = [r for r in records if r.get("status") == "error"]
     print(text)
     print(f"results in {out}/ ({len(records)} runs; {elapsed:.0f} s)")

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -358,20 +358,18 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 0
 
     task_objs = {name: t for name, (t, _) in tasks.items()}
-    text = write_summary(out, records, task_objs, args.optimizers, protocol, str(device),
-                         provenance, f"this invocation took {elapsed:.0f} s")  # fmt: skip
+    ranks = f"{info.world_size} rank(s), {info.backend or 'no'} backend" if info else "1 process"
+    runs = [r for r in records if r.get("phase") in ("tune", "final")]
+    header = suite_header(records, protocol, str(device), ranks, provenance,
+                          f"this invocation took {elapsed:.0f} s",
+                          planned_runs(runs, task_objs, args.optimizers, protocol))  # fmt: skip
+    text = write_summary(out, records, task_objs, args.optimizers, header)
     errors = [r for r in records if r.get("status") == "error"]
     print(text)
     print(f"results in {out}/ ({len(records)} runs; {elapsed:.0f} s)")
     if errors:
         print(f"warning: {len(errors)} run(s) failed; see 'error' in runs.jsonl", file=sys.stderr)
     return 0
-
-
-def _threads_text(records: Sequence[dict[str, Any]]) -> str:
-    """The thread counts the runs recorded ("1", or "1, 2" for a mixed resume)."""
-    counts = sorted({int(r["threads"]) for r in records if r.get("threads") is not None})
-    return ", ".join(map(str, counts or [torch.get_num_threads()]))
 
 
 def _ranks_text(records: Sequence[dict[str, Any]]) -> str:
@@ -386,27 +384,55 @@ def _ranks_text(records: Sequence[dict[str, Any]]) -> str:
 def planned_runs(
     records: Sequence[dict[str, Any]], tasks: dict[str, Task], optimizers: Sequence[str],
     protocol: Any,
-) -> int:  # fmt: skip
-    """The training runs a suite makes: per (task, optimizer) ``lr_grid`` tuning runs and
-    ``seeds`` finals, except that a pair whose every tuning rate diverged has no finals."""
-    from grng.bench.runner import choose_lr
+) -> tuple[int, int]:  # fmt: skip
+    """``(done, planned)``: the runs a suite of ``tasks`` × ``optimizers`` makes (its grid's
+    tuning runs and ``seeds`` finals per pair, no finals for a pair whose every tuning rate
+    diverged) and how many of them ``records`` holds."""
+    from grng.bench.runner import TUNE_SEED, choose_lr, lr_grid, run_key
 
-    planned = 0
+    have = {run_key(r["task"], r["optimizer"], r["lr"], r["seed"], r["phase"]) for r in records}
+    finals = {(r["task"], r["optimizer"], int(r["seed"])) for r in records
+              if r.get("phase") == "final"}  # fmt: skip
+    done = planned = 0
     for name, task in tasks.items():
         for opt in optimizers:
+            grid = lr_grid(task.lr_centre(opt, get_optimizer(opt).default_lr), protocol.lr_grid)
+            tuned = [run_key(name, opt, lr, TUNE_SEED, "tune") in have for lr in grid]
+            planned += len(grid)
+            done += sum(tuned)
             tunes = [r for r in records if r["task"] == name and r["optimizer"] == opt
                      and r.get("phase") == "tune"]  # fmt: skip
-            all_diverged = len(tunes) >= protocol.lr_grid and choose_lr(tunes, task) is None
-            planned += protocol.lr_grid + (0 if all_diverged else protocol.seeds)
-    return planned
+            if all(tuned) and choose_lr(tunes, task) is None:
+                continue  # every rate diverged: no finals
+            planned += protocol.seeds
+            done += sum((name, opt, s) in finals for s in range(1, protocol.seeds + 1))
+    return done, planned
 
 
-def partial_note(done: int, planned: int) -> str:
-    """The summary header's warning when runs are missing (a suite stopped or still running)."""
-    if done >= planned:
-        return ""
-    return (f" **Partial: runs.jsonl holds {done} of the {planned} planned runs** (the suite "
-            "is still running or was stopped; `--resume` completes it).")  # fmt: skip
+def suite_header(
+    records: Sequence[dict[str, Any]],
+    protocol: Any,
+    device: str,
+    ranks: str,
+    provenance: dict[str, str],
+    note: str,
+    progress: tuple[int, int],
+) -> str:
+    """A suite summary's header: the code, the protocol and ``note`` (what this invocation
+    did), then how many of the planned runs are missing (``progress``: done, planned) and
+    the runs' commits when they are not all this code's."""
+    from grng.bench.report import provenance_note, threads_text
+
+    runs = [r for r in records if r.get("phase") in ("tune", "final")]
+    return (
+        f"# grng bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — grng "
+        f"{provenance['grng_version']}, commit {provenance['commit']}\n\n"
+        f"{protocol.steps} steps (tuning {protocol.steps_for('tune')}), batch "
+        f"{protocol.batch_size or 'task default'}, lr grid {protocol.lr_grid}, "
+        f"{protocol.seeds} seeds, device {device}, {ranks}, {threads_text(runs)} thread(s) "
+        f"each; test metric mean ± std over seeds; {note}."
+        + provenance_note(records, provenance["commit"], *progress)
+    )
 
 
 def write_summary(
@@ -414,70 +440,81 @@ def write_summary(
     records: Sequence[dict[str, Any]],
     tasks: dict[str, Task],
     optimizers: Sequence[str],
-    protocol: Any,
-    device: str,
-    provenance: dict[str, str],
-    note: str,
+    header: str,
 ) -> str:
-    """A suite's ``summary.csv``, ``summary.md`` and ``<task>.png`` from its records (runs and
-    interleaved timings); returns the markdown. ``note`` ends the header (what this
-    invocation did). Ranks and threads are those the runs recorded."""
+    """A suite's ``summary.csv``, ``summary.md`` (``header``, then one table per task) and
+    ``<task>.png`` from its records (runs and interleaved timings); returns the markdown."""
     from grng.bench import report
 
     rows = report.summarize(records, tasks, optimizers)
     report.write_csv(rows, out / "summary.csv")
-    runs = [r for r in records if r.get("phase") in ("tune", "final")]
-    header = (
-        f"# grng bench — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — grng "
-        f"{provenance['grng_version']}, commit {provenance['commit']}\n\n"
-        f"{protocol.steps} steps (tuning {protocol.steps_for('tune')}), batch "
-        f"{protocol.batch_size or 'task default'}, lr grid {protocol.lr_grid}, "
-        f"{protocol.seeds} seeds, device {device}, {_ranks_text(runs)}, "
-        f"{_threads_text(runs)} thread(s) each; "
-        f"test metric mean ± std over seeds; {note}."
-    )
-    header += partial_note(len(runs), planned_runs(runs, tasks, optimizers, protocol))
-    # A --resume can summarise runs of earlier code: say so rather than imply one commit.
-    commits = sorted({str(r.get("commit", "unknown")) for r in records})
-    if commits != [provenance["commit"]]:
-        header += f" Runs come from commits {', '.join(commits)} (see runs.jsonl)."
     text = report.write_markdown(rows, tasks, out / "summary.md", header)
     for name, task in tasks.items():
         report.plot_task(records, task, optimizers, out / f"{name}.png")
     return text
 
 
+def _union(first: Sequence[str], more: Iterable[str]) -> list[str]:
+    """``first``, then the other names of ``more``, each once, in order."""
+    return list(dict.fromkeys([*first, *more]))
+
+
 def summarize_folder(out: Path, config: dict[str, Any], provenance: dict[str, str]) -> str:
     """``grng bench report`` for a suite folder: its summary regenerated from its
-    ``config.json``, ``runs.jsonl`` and ``timing.jsonl``, no training; returns the markdown."""
+    ``config.json``, ``runs.jsonl`` and ``timing.jsonl``, no training; returns the markdown.
+
+    It reports every task and optimizer the records hold (a ``--resume`` with fewer of
+    them rewrites ``config.json``'s lists); the missing runs it counts are those of the
+    latest invocation's tasks × optimizers."""
     from grng.bench.runner import Protocol, RunLog
 
     protocol = Protocol(**config["protocol"])
-    tasks = {name: get_task(name) for name in config["tasks"]}
-    optimizers = list(config["optimizers"])
     runs, timings = (RunLog(out / f, write=False).records for f in ("runs.jsonl", "timing.jsonl"))
-    records = [r for r in runs if r["task"] in tasks and r["optimizer"] in optimizers]
-    records += [r for r in timings if r["task"] in tasks]
-    return write_summary(out, records, tasks, optimizers, protocol, config["device"],
-                         provenance, "summarised by `grng bench report`, no training")  # fmt: skip
+    tasks = {n: get_task(n) for n in _union(config["tasks"], (r["task"] for r in runs))}
+    optimizers = _union(config["optimizers"], (r["optimizer"] for r in runs))
+    records = [*runs, *(r for r in timings if r["task"] in tasks)]
+    latest = {n: tasks[n] for n in config["tasks"]}
+    progress = planned_runs(runs, latest, config["optimizers"], protocol)
+    header = suite_header(records, protocol, config["device"], _ranks_text(runs), provenance,
+                          "summarised by `grng bench report`, no training", progress)  # fmt: skip
+    return write_summary(out, records, tasks, optimizers, header)
+
+
+def _read_results_config(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``config.json``, checked to describe what ``grng bench report`` needs:
+    UsageError otherwise, before anything is written."""
+    from grng.bench.runner import Protocol, RunLog
+
+    if not (folder / "config.json").is_file() or not (folder / "runs.jsonl").is_file():
+        raise UsageError(f"{folder}: not a results folder (it needs config.json and "
+                         "runs.jsonl, as grng bench and grng bench ablate write them)")  # fmt: skip
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        str(config["device"])
+        if "rhos" in config:  # grng bench ablate
+            [Protocol(**p) for p in config["protocols"].values()]
+            [float(rho) for rho in config["rhos"]]
+            names = list(config["protocols"])
+        else:
+            Protocol(**config["protocol"])
+            names = list(config["tasks"])
+        names += [r["task"] for r in RunLog(folder / "runs.jsonl", write=False).records]
+        for name in dict.fromkeys(names):
+            get_task(name)
+        for name in config["optimizers"]:
+            get_optimizer(name)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{folder}: config.json or runs.jsonl does not describe a grng "
+                         f"bench results folder ({type(exc).__name__}: {exc})") from None  # fmt: skip
+    return dict(config)
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from grng.bench import ablate
     from grng.bench.runner import git_commit
 
-    configs = []
-    for folder in args.folders:  # every folder checked before any summary is rewritten
-        if not (folder / "config.json").is_file() or not (folder / "runs.jsonl").is_file():
-            raise UsageError(f"{folder}: not a results folder (it needs config.json and "
-                             "runs.jsonl, as grng bench and grng bench ablate write them)")  # fmt: skip
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            for name in config.get("protocols", config.get("tasks", [])):
-                get_task(name)
-        except (json.JSONDecodeError, ValueError) as exc:
-            raise UsageError(f"{folder}/config.json: {exc}") from None
-        configs.append(config)
+    # Every folder is checked before any summary is rewritten.
+    configs = [_read_results_config(folder) for folder in args.folders]
     provenance = {"commit": git_commit(), "grng_version": grng.__version__}
     for folder, config in zip(args.folders, configs, strict=True):
         summarize = ablate.summarize_folder if "rhos" in config else summarize_folder

@@ -19,7 +19,9 @@ __all__ = [
     "format_table",
     "mean_std",
     "plot_task",
+    "provenance_note",
     "summarize",
+    "threads_text",
     "write_csv",
     "write_markdown",
 ]
@@ -251,6 +253,28 @@ def write_markdown(
     text = "\n\n".join(parts) + "\n"
     path.write_text(text, encoding="utf-8")
     return text
+
+
+def threads_text(records: Sequence[dict[str, Any]]) -> str:
+    """The thread counts the runs recorded ("1", or "1, 2" for a mixed resume)."""
+    import torch
+
+    counts = sorted({int(r["threads"]) for r in records if r.get("threads") is not None})
+    return ", ".join(map(str, counts or [torch.get_num_threads()]))
+
+
+def provenance_note(records: Sequence[dict[str, Any]], commit: str, done: int, planned: int) -> str:
+    """The end of a summary header: how many planned runs are missing (a suite still
+    running or stopped), and the commits of the runs when they are not all ``commit``."""
+    note = ""
+    if done < planned:
+        note += (f" **Partial: runs.jsonl holds {done} of the {planned} runs planned** (the "
+                 "suite is still running or was stopped; `--resume` completes it).")  # fmt: skip
+    commits = sorted({str(r.get("commit", "unknown")) for r in records})
+    if commits != [commit]:
+        # A --resume can summarise runs of earlier code: say so rather than imply one commit.
+        note += f" Runs come from commits {', '.join(commits)} (see runs.jsonl)."
+    return note
 
 
 def _band(series: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
