@@ -508,7 +508,7 @@ class CurvatureOptimizer(Optimizer):
         self.counters["nonfinite_steps"] += (~finite).to(torch.int64)
         self._warn_if_skipped(step)
         self.capture.armed = self.is_capture_step(step + 1)
-        self.capture.row_seed = step + 1  # row subsets drawn per step, alike after a resume
+        self.capture.row_seed = self._row_seed(step + 1)
         return loss
 
     # ------------------------------------------------------------ distributed
@@ -680,6 +680,11 @@ class CurvatureOptimizer(Optimizer):
     def _update_curvature(self, estimates: dict[str, FactorEstimate], finite: Tensor) -> None:
         """Fold this step's factor estimates into the curvature state."""
         raise NotImplementedError
+
+    def _row_seed(self, step: int) -> int:
+        """The seed of the capture's row subsets on ``step``: a function of the step only,
+        so a resumed run draws the rows it would have drawn; a subclass may mix in its own."""
+        return step
 
     def _refresh_due(self, step: int) -> bool:
         """Whether the lazily refreshed part of the curvature is recomputed now."""
@@ -911,7 +916,7 @@ class CurvatureOptimizer(Optimizer):
                 self.state[key] = _to_device(copy.deepcopy(self.state[key]), device)
         self.capture.clear()
         self.capture.armed = self.is_capture_step()
-        self.capture.row_seed = self.steps_taken
+        self.capture.row_seed = self._row_seed(self.steps_taken)
         self._fisher_generator = None  # recreated from the loaded RNG state on first use
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1111,28 +1116,20 @@ _SAME_WIDTH_INT = {
 
 
 def _zero_unless_(tensors: list[Tensor], keep: Tensor) -> None:
-    """Set every tensor to +0.0 in place unless ``keep`` (a 0-dim device bool), NaN and
-    inf included, without a host read.
+    """Set every tensor (one bucket's: one dtype) to +0.0 in place unless ``keep`` (a
+    0-dim device bool), NaN and inf included, without a host read.
 
     A float product with 0 keeps NaN and inf. The integer product of the same bits
     with 0 or 1 does not (all-zero bits are +0.0) and leaves them exactly as they were
     with 1, in one vectorised foreach pass, where a ``where`` or ``masked_fill_`` per
     tensor runs a scalar (not vectorised) loop on CPU.
     """
-    dtype = tensors[0].dtype
-    integer = _SAME_WIDTH_INT.get(dtype)
-    if integer is not None and all(t.dtype == dtype for t in tensors):  # one bucket's
-        torch._foreach_mul_([t.view(integer) for t in tensors], keep.to(integer))
-        return
-    kinds: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        integer = _SAME_WIDTH_INT.get(t.dtype)
-        if integer is None:
+    integer = _SAME_WIDTH_INT.get(tensors[0].dtype)
+    if integer is None:  # no integer of its width (a complex dtype): one fill per tensor
+        for t in tensors:
             t.masked_fill_(~keep, 0)
-        else:
-            kinds.setdefault(integer, []).append(t.view(integer))
-    for integer, bits in kinds.items():
-        torch._foreach_mul_(bits, keep.to(integer))
+        return
+    torch._foreach_mul_([t.view(integer) for t in tensors], keep.to(integer))
 
 
 def _add_scaled_(targets: list[Tensor], sources: list[Tensor], coefficient: Tensor) -> None:

@@ -110,7 +110,7 @@ from torch import Tensor, nn
 from grng._warnings import warn
 from grng.curvature import FactorEstimate, KroneckerLayer
 from grng.linalg import kronecker_solve_inverse, pi_correction
-from grng.optim.base import Closure, CurvatureOptimizer, ExcludeRule, sqrt_damping_split
+from grng.optim.base import CurvatureOptimizer, ExcludeRule, sqrt_damping_split
 from grng.optim.options import (
     DEFAULT_MAX_FACTOR_DIM,
     CurvatureOptions,
@@ -279,21 +279,10 @@ class RKalman(CurvatureOptimizer):
         # a diagonal side and the kept rows, never a dense factor: estimate diagonals only.
         self.capture.set_statistics("diagonals")
         self._warned_damping = False
-        self._seed_rows()
+        self.capture.row_seed = self._row_seed(0)
 
-    def _seed_rows(self) -> None:
-        # The kept rows depend on the step only, so a resumed run draws the same ones.
-        self.capture.row_seed = self.seed * 1_000_003 + self.steps_taken
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
-        loss = super().step(closure)
-        self._seed_rows()
-        return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._seed_rows()
+    def _row_seed(self, step: int) -> int:
+        return self.seed * 1_000_003 + step
 
     # ------------------------------------------------------------- filter
     def _update_curvature(self, estimates: dict[str, FactorEstimate], finite: Tensor) -> None:
