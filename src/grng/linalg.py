@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -677,13 +676,11 @@ def kronecker_solve_eigh(
     Returns:
         A tensor of ``V``'s shape and dtype, computed in at least float32.
     """
-    return _eigenbasis_solve(
-        gradient_matrix,
-        gradient_eig,
-        activation_eig,
-        lambda g, a: (g + gradient_damping)[..., :, None] * (a + activation_damping)[..., None, :],
-        divide=True,
-    )
+    (g, q_g), (a, q_a) = gradient_eig, activation_eig
+    dtype = _eigenbasis_dtype(gradient_matrix, g.shape[-1], a.shape[-1], g.dtype, a.dtype)
+    g, a = g.to(dtype), a.to(dtype)
+    spectrum = (g + gradient_damping)[..., :, None] * (a + activation_damping)[..., None, :]
+    return _eigenbasis_solve(gradient_matrix, q_g, q_a, spectrum, dtype, divide=True)
 
 
 def kronecker_tikhonov_solve_eigh(
@@ -714,17 +711,12 @@ def kronecker_tikhonov_solve_eigh(
     Returns:
         A tensor of ``V``'s shape and dtype, computed in at least float32.
     """
-    return _eigenbasis_solve(
-        gradient_matrix,
-        gradient_eig,
-        activation_eig,
-        lambda g, a: torch.addcmul(
-            torch.as_tensor(damping, dtype=g.dtype, device=g.device),
-            g[..., :, None],
-            a[..., None, :],
-        ),
-        divide=True,
-    )
+    (g, q_g), (a, q_a) = gradient_eig, activation_eig
+    dtype = _eigenbasis_dtype(gradient_matrix, g.shape[-1], a.shape[-1], g.dtype, a.dtype)
+    g, a = g.to(dtype), a.to(dtype)
+    gamma = torch.as_tensor(damping, dtype=dtype, device=g.device)
+    spectrum = torch.addcmul(gamma, g[..., :, None], a[..., None, :])
+    return _eigenbasis_solve(gradient_matrix, q_g, q_a, spectrum, dtype, divide=True)
 
 
 def eigh_damped_inverse(
@@ -775,35 +767,37 @@ def eigenbasis_solve(
     reciprocal instead of dividing (a last-bit rounding difference). A basis of None is the
     identity (a diagonal factor). Computed in at least float32, returned in ``V``'s dtype.
     """
-    zero = inverse_spectrum.new_zeros(inverse_spectrum.shape[-2:-1])
+    dim_g, dim_a = inverse_spectrum.shape[-2:]
+    dtype = _eigenbasis_dtype(gradient_matrix, dim_g, dim_a, inverse_spectrum.dtype)
     return _eigenbasis_solve(
-        gradient_matrix,
-        (zero, gradient_basis),
-        (inverse_spectrum.new_zeros(inverse_spectrum.shape[-1:]), activation_basis),
-        lambda g, a: inverse_spectrum,
-        divide=False,
+        gradient_matrix, gradient_basis, activation_basis, inverse_spectrum, dtype, divide=False
     )
+
+
+def _eigenbasis_dtype(
+    gradient_matrix: Tensor, dim_g: int, dim_a: int, *dtypes: torch.dtype
+) -> torch.dtype:
+    """The dtype of an eigenbasis solve (at least float32), after checking ``V``'s shape."""
+    _check_kronecker_shapes(gradient_matrix, dim_g, dim_a)
+    return _accumulation_dtype(gradient_matrix.dtype, *dtypes)
 
 
 def _eigenbasis_solve(
     gradient_matrix: Tensor,
-    gradient_eig: tuple[Tensor, Tensor | None],
-    activation_eig: tuple[Tensor, Tensor | None],
-    spectrum: Callable[[Tensor, Tensor], Tensor],
+    q_g: Tensor | None,
+    q_a: Tensor | None,
+    spectrum: Tensor,
+    dtype: torch.dtype,
     *,
     divide: bool,
 ) -> Tensor:
-    """``Q_G [(Q_Gᵀ V Q_A) ⊘ spectrum(g, a)] Q_Aᵀ`` (``divide``) or ``⊙`` (not), in at least
-    float32, back in V's dtype."""
-    g, q_g = gradient_eig
-    a, q_a = activation_eig
-    _check_kronecker_shapes(gradient_matrix, g.shape[-1], a.shape[-1])
-    dtype = _accumulation_dtype(gradient_matrix.dtype, g.dtype, a.dtype)
+    """``Q_G [(Q_Gᵀ V Q_A) ⊘ spectrum] Q_Aᵀ`` (``divide``) or ``⊙`` (not), in ``dtype``
+    (at least float32), back in V's dtype; a basis of None is the identity."""
     q_g = None if q_g is None else q_g.to(dtype)
     q_a = None if q_a is None else q_a.to(dtype)
     matrix = gradient_matrix.to(dtype)
     rotated = _rotate(matrix, q_g, q_a)
-    scale = spectrum(g.to(dtype), a.to(dtype)).to(dtype)
+    scale = spectrum.to(dtype)
     if rotated is matrix or rotated.shape != scale.shape:
         # Both bases are identities (the input itself: not to be overwritten) or the
         # spectrum broadcasts over a batch: out of place.

@@ -11,11 +11,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from grng.optim.base import CurvatureOptimizer
-from grng.optim.reng import RENG, graph_of_unscaled, loss_scale
+from grng.optim.reng import RENG, accumulate_with_graph, loss_scale
 
 #: The start of torch's warning about ``backward(create_graph=True)``'s reference cycle
 #: between a parameter and its gradient. RENG's step replaces every ``.grad`` by its
@@ -74,8 +73,8 @@ def backward_with_graph(
     ``.grad`` by ``S`` in place (``unscale_``), which changes the values but not the
     graph, and RENG would then differentiate ``½‖·‖²`` through the graph of ``S·g``:
     ``H∇L`` ``S`` times too large. So each new gradient is rebuilt by
-    :func:`grng.optim.reng.graph_of_unscaled` (as :meth:`grng.RENG.backward` does in a
-    plain loop). The earlier
+    :func:`grng.optim.reng.graph_of_unscaled` (:func:`grng.optim.reng.accumulate_with_graph`,
+    as :meth:`grng.RENG.backward` does in a plain loop). The earlier
     micro-batches' gradients are set aside meanwhile (so that only the new part is
     rebuilt) and added back.
     """
@@ -94,15 +93,10 @@ def backward_with_graph(
         for p, g in earlier.items():
             p.grad = g
         raise
-    scale = loss_scale(scaler)
-    with torch.enable_grad():
-        for p in params:
-            new, old = p.grad, earlier[p]
-            if new is not None and scale is not None:
-                new = graph_of_unscaled(new, scale)
-            if old is not None:
-                new = old if new is None else old + new
-            p.grad = new
+    new = [p.grad for p in params]
+    for p in params:
+        p.grad = earlier[p]
+    accumulate_with_graph(params, new, loss_scale(scaler))
 
 
 __all__ = [

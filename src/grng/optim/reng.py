@@ -105,7 +105,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -331,6 +331,20 @@ def graph_of_unscaled(gradient: Tensor, scale: Tensor) -> Tensor:
     return gradient.detach() + (unscaled - unscaled.detach())
 
 
+def accumulate_with_graph(
+    params: Sequence[Tensor], gradients: Sequence[Tensor | None], scale: Tensor | None
+) -> None:
+    """``p.grad ← p.grad + g`` for each new gradient ``g`` with its autograd graph, as
+    ``backward(create_graph=True)`` accumulates; with a loss scale ``S`` each ``g`` (the
+    gradient of ``S·L``) keeps its values and takes the graph of the unscaled gradient
+    (:func:`graph_of_unscaled`)."""
+    with torch.enable_grad():
+        for p, g in zip(params, gradients, strict=True):
+            if g is not None:
+                g = g if scale is None else graph_of_unscaled(g, scale)
+                p.grad = g if p.grad is None else p.grad + g
+
+
 def _buffer_snapshot(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """(buffer, copy of its value) for every buffer of ``model``, to undo a forward's updates."""
     return [(b, b.detach().clone()) for b in model.buffers()]
@@ -458,13 +472,9 @@ class RENG(KFAC):
             loss.backward()
             return
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-        scale = loss_scale(self.grad_scaler)
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            for p, g in zip(params, grads, strict=True):
-                if g is not None:
-                    g = g if scale is None else graph_of_unscaled(g, scale)
-                    p.grad = g if p.grad is None else p.grad + g
+        accumulate_with_graph(params, grads, loss_scale(self.grad_scaler))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
