@@ -769,15 +769,18 @@ class CurvatureOptimizer(Optimizer):
         beta = self.options.factor_decay
         n = max(1, examples)
         scale = 1.0 / n if self.options.loss_reduction == "sum" else float(n)
-        kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for p in self._fallback_params(grads):
-            kinds.setdefault((p.device, statistics_dtype(p)), []).append(p)
-        for (device, dtype), params in kinds.items():
-            gradients = [grads[p].to(dtype) for p in params]
+        fallback = {p: grads[p] for p in self._fallback_params(grads)}
+        if not fallback:
+            return
+        for bucket in self._current_layout().buckets:
+            params, gradients = _present(bucket.params, fallback)
+            if not params:
+                continue
+            gradients = [g.to(bucket.statistics_dtype) for g in gradients]
             estimates = torch._foreach_mul(gradients, gradients)
             torch._foreach_mul_(estimates, scale)
             states = [self._diagonal_state(p) for p in params]
-            running_averages(states, "fisher_diagonal", estimates, beta, _on(finite, device))
+            running_averages(states, "fisher_diagonal", estimates, beta, _on(finite, bucket.device))
 
     def _precondition(
         self,
