@@ -624,16 +624,15 @@ class CurvatureOptimizer(Optimizer):
         """
         layout = self._current_layout()
         checks: list[Tensor] = []
-        squares: list[tuple[list[Tensor], Tensor, Tensor]] = []
+        squares: list[tuple[list[Tensor], Tensor]] = []
         for bucket in layout.buckets:
             params, gradients = _present(bucket.params, grads)
             if not params:
                 continue
             dtype = bucket.statistics_dtype
             sq = torch.stack(squared_norms(gradients, dtype))
-            total = sq.sum()
-            squares.append((params, sq, total))
-            checks.append(total)
+            squares.append((params, sq))
+            checks.append(sq.sum())
             if search is not grads:  # RENG's ∇L_G; a subclass's own search gradients
                 others = [search[p] for p in params if search[p] is not grads[p]]
                 if others:
@@ -644,10 +643,10 @@ class CurvatureOptimizer(Optimizer):
         finite = torch.isfinite(_sum_on(checks, layout.device))
         grad_sq: dict[Tensor, Tensor] = {}
         totals = []
-        for params, sq, total in squares:
-            ok = _on(finite, sq.device)
-            grad_sq.update(zip(params, torch.where(ok, sq, 0.0).unbind(0), strict=True))
-            totals.append(torch.where(ok, total, 0.0))
+        for params, sq in squares:
+            masked = torch.where(_on(finite, sq.device), sq, 0.0)
+            grad_sq.update(zip(params, masked.unbind(0), strict=True))
+            totals.append(masked.sum())
         return grad_sq, _sum_on(totals, layout.device), finite
 
     def _warn_if_skipped(self, step: int) -> None:
