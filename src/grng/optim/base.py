@@ -175,8 +175,8 @@ class CurvatureOptimizer(Optimizer):
     """
 
     #: Whether :meth:`damping` reads the block's own gradient norm (RING with
-    #: ``grad_norm="layer"``); only then is it computed for blocks that hold some rows
-    #: of their parameters (attention's q, k, v; conv groups).
+    #: ``grad_norm="layer"``); only then is it computed (from the rows themselves for
+    #: blocks that hold some rows of their parameters: attention's q, k, v; conv groups).
     uses_block_grad_norm: bool = False
 
     #: Whether the damping depends on the step's gradient (RING); used to know when
@@ -743,9 +743,15 @@ class CurvatureOptimizer(Optimizer):
         block_sq: Tensor | None = None,
     ) -> Tensor:
         """The block's damping; ``block_sq`` is its squared gradient norm when the block
-        holds only some rows of its parameters (attention's q, k, v; conv groups)."""
+        holds only some rows of its parameters (attention's q, k, v; conv groups). The
+        block's norm is summed only for a damping that reads it (``uses_block_grad_norm``);
+        the others get the total in its place, unread."""
         if block_sq is None:
-            block_sq = torch.stack([grad_sq[p] for p in layer.params if p in grad_sq]).sum()
+            block_sq = (
+                torch.stack([grad_sq[p] for p in layer.params if p in grad_sq]).sum()
+                if self.uses_block_grad_norm
+                else total_grad_sq
+            )
         return self.damping(self._group_of(layer.weight), block_sq, total_grad_sq)
 
     def _active_layers(self) -> list[KroneckerLayer]:
