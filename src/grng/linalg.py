@@ -64,6 +64,8 @@ def symmetrize(matrix: Tensor) -> Tensor:
     """
     if matrix.dim() == 1:
         return matrix  # a diagonal factor
+    if not (matrix.is_floating_point() or matrix.is_complex()):
+        matrix = matrix.to(torch.get_default_dtype())  # as 0.5 * (M + Mᵀ) promotes integers
     # Mᵀ as a blocked transposing copy: adding the strided view read it with a stride of d,
     # about three times the cost of the copy at d ≥ 1024. Same values, same rounding.
     return torch.add(matrix, matrix.mT.contiguous()).mul_(0.5)

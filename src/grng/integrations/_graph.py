@@ -73,10 +73,10 @@ def backward_with_graph(
     ``.grad`` by ``S`` in place (``unscale_``), which changes the values but not the
     graph, and RENG would then differentiate ``½‖·‖²`` through the graph of ``S·g``:
     ``H∇L`` ``S`` times too large. So each new gradient is rebuilt by
-    :func:`grng.optim.reng.graph_of_unscaled` (:func:`grng.optim.reng.accumulate_with_graph`,
-    as :meth:`grng.RENG.backward` does in a plain loop). The earlier
-    micro-batches' gradients are set aside meanwhile (so that only the new part is
-    rebuilt) and added back.
+    :func:`grng.optim.reng.graph_of_unscaled` and added to the earlier micro-batches'
+    gradients, which are set aside meanwhile (so that only the new part is rebuilt):
+    :func:`grng.optim.reng.accumulate_with_graph`, which :meth:`grng.RENG.backward` uses
+    in a plain loop.
     """
     params = [p for p in dict.fromkeys(params) if p.requires_grad]
     if scaler is None or not scaler.is_enabled():

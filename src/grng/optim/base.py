@@ -706,7 +706,9 @@ class CurvatureOptimizer(Optimizer):
     ) -> Tensor:
         """The damping γ of one block (a Kronecker layer or a fallback parameter).
 
-        The base damping ``λ = group["damping"]``; RING adds ``ρ‖g‖²``.
+        The base damping ``λ = group["damping"]``; RING adds ``ρ‖g‖²``. ``block_grad_sq``
+        is the block's own squared gradient norm only where :attr:`uses_block_grad_norm`
+        is true (an override that reads it must set that); elsewhere it is the total.
         """
         return torch.as_tensor(
             group["damping"], dtype=total_grad_sq.dtype, device=total_grad_sq.device
