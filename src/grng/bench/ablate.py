@@ -64,6 +64,7 @@ from grng.bench.cli import (
     _names,
     _positive_int,
     _timestamp,
+    _union,
 )
 from grng.bench.optimizers import OPTIMIZERS, OptimizerSpec
 from grng.bench.report import mean_std, write_csv
@@ -514,7 +515,7 @@ def summarize_folder(out: Path, config: dict[str, Any], provenance: dict[str, st
     protocols = {t: Protocol(**p) for t, p in config["protocols"].items()}
     tasks = {t: get_task(t) for t in protocols}
     records = [r for r in RunLog(out / "runs.jsonl", write=False).records if r["task"] in tasks]
-    optimizers = list(dict.fromkeys([*config["optimizers"], *(r["optimizer"] for r in records)]))
+    optimizers = _union(config["optimizers"], (r["optimizer"] for r in records))
     by_key = {
         _rho_key(float(rho)): float(rho) for rho in [*config["rhos"], *(r["rho"] for r in records)]
     }

@@ -490,14 +490,14 @@ def _read_results_config(folder: Path) -> dict[str, Any]:
                          "runs.jsonl, as grng bench and grng bench ablate write them)")  # fmt: skip
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        str(config["device"])
-        if "rhos" in config:  # grng bench ablate
-            [Protocol(**p) for p in config["protocols"].values()]
-            [float(rho) for rho in config["rhos"]]
-            names = list(config["protocols"])
-        else:
-            Protocol(**config["protocol"])
-            names = list(config["tasks"])
+        ablation = "rhos" in config  # grng bench ablate
+        if not isinstance(config["device"], str):
+            raise TypeError(f"device {config['device']!r}")
+        for protocol in config["protocols"].values() if ablation else [config["protocol"]]:
+            Protocol(**protocol)
+        for rho in config["rhos"] if ablation else []:
+            float(rho)
+        names = list(config["protocols"] if ablation else config["tasks"])
         names += [r["task"] for r in RunLog(folder / "runs.jsonl", write=False).records]
         for name in dict.fromkeys(names):
             get_task(name)
