@@ -197,14 +197,17 @@ def format_table(rows: Sequence[dict[str, Any]], task: Task) -> str:
         "| state MiB | mean ‖g‖ | λmax(H) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        if r["task"] != task.name:
-            continue
+    mine = [r for r in rows if r["task"] == task.name]
+    # A partial suite (still running or stopped) can hold fewer finals for some pairs.
+    most_seeds = max((r["seeds"] for r in mine), default=0)
+    for r in mine:
         metric = (
             f"{r['test_mean']:.3f} ± {r['test_std']:.3f}" if r["test_mean"] is not None else "—"
         )
         if r["ok_seeds"] < r["seeds"]:
             metric += f" ({r['seeds'] - r['ok_seeds']} diverged)"
+        if r["seeds"] < most_seeds:
+            metric += f" ({r['seeds']} of {most_seeds} seeds)"
         partial = (
             f" ({r['reached_seeds']}/{r['ok_seeds']})"
             if 0 < r["reached_seeds"] < r["ok_seeds"]
@@ -220,9 +223,8 @@ def format_table(rows: Sequence[dict[str, Any]], task: Task) -> str:
             f"| {_fmt(r['state_mb'], '.2f')} | {_fmt(r['mean_grad_norm'], '.3f')} "
             f"| {_fmt(r['hessian_top'], '.3g')} |"
         )
-    if any(r.get("lr_at_edge") for r in rows if r["task"] == task.name):
+    if any(r.get("lr_at_edge") for r in mine):
         lines += ["", "† the chosen rate is at the edge of the tuning grid."]
-    mine = [r for r in rows if r["task"] == task.name]
     if mine:
         lines += ["", step_time_note(mine[0])]
     return "\n".join(lines)
