@@ -5,7 +5,7 @@
 
 For every task in the suites' ``summary.csv`` it prints one markdown column of the claims
 table (the verdicts stay the reader's): steps and training seconds to the target and the
-test metric of RING, RENG and R-Kalman against SGD, AdamW, K-FAC and SophiaG (SAM and SOAP
+test metric of RING (exact and factored damping), RENG and R-Kalman against SGD, AdamW, K-FAC and SophiaG (SAM and SOAP
 in brackets), the ρ = 0 → 1 change of mean ‖g‖ and λmax(H) from the ablation, and
 R-Kalman's stability (tuning and ablation runs that diverged), state and step time beside
 K-FAC's. A missing optimizer or task shows as "–", so a partial folder can be read too.
@@ -19,9 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-NAMES = {"sgd": "SGD", "adamw": "AdamW", "kfac": "K-FAC", "ring": "RING", "reng": "RENG",
+NAMES = {"sgd": "SGD", "adamw": "AdamW", "kfac": "K-FAC", "ring": "RING",
+         "ring-factored": "RING (factored)", "reng": "RENG",
          "rkalman": "R-Kalman", "sophia": "SophiaG", "sam": "SAM", "soap": "SOAP"}  # fmt: skip
-GRNG = ("ring", "reng", "rkalman")
+GRNG = ("ring", "ring-factored", "reng", "rkalman")
 BASELINES = ("sgd", "adamw", "kfac", "sophia")
 OTHERS = ("sam", "soap")
 ABLATED = ("reng", "ring", "rkalman")
@@ -76,8 +77,18 @@ def speed(rows: dict[str, dict[str, str]], names: tuple[str, ...]) -> list[str]:
 
 
 def metric(rows: dict[str, dict[str, str]], names: tuple[str, ...]) -> list[str]:
-    return [f"{NAMES[n]} {float(rows[n]['test_mean']):.3f}" for n in names
-            if n in rows and _num(rows[n]["test_mean"]) is not None]  # fmt: skip
+    """``NAME mean``; ``(n of N seeds)`` when the row has fewer finals than the task's others
+    (a suite still running)."""
+    most = max((int(r["seeds"] or 0) for r in rows.values()), default=0)
+    items = []
+    for name in names:
+        row = rows.get(name)
+        if row is None or _num(row["test_mean"]) is None:
+            continue
+        seeds = int(row["seeds"] or 0)
+        share = f" ({seeds} of {most} seeds)" if seeds < most else ""
+        items.append(f"{NAMES[name]} {float(row['test_mean']):.3f}{share}")
+    return items
 
 
 def rho_change(ablation: list[dict[str, str]], key: str) -> list[str]:
