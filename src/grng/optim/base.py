@@ -1166,7 +1166,7 @@ class _Bucket:
         self.params = params
         self.device = device
         self.dtype = dtype
-        self.statistics_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.statistics_dtype = statistics_dtype(params[0])
 
 
 class _Layout:
