@@ -8,7 +8,8 @@ table (the verdicts stay the reader's): steps and training seconds to the target
 test metric of RING (exact and factored damping), RENG and R-Kalman against SGD, AdamW, K-FAC and SophiaG (SAM and SOAP
 in brackets), the ρ = 0 → 1 change of mean ‖g‖ and λmax(H) from the ablation, and
 R-Kalman's stability (tuning and ablation runs that diverged), state and step time beside
-K-FAC's. A missing optimizer or task shows as "–", so a partial folder can be read too.
+K-FAC's. A missing optimizer or task shows as "–", so a partial folder can be read too;
+an ablation folder without a ``summary.csv`` is named on stderr and left out.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,8 @@ def claims(suites: list[Path], ablations: list[Path]) -> dict[str, dict[str, lis
     ablation_runs: dict[str, list[dict[str, Any]]] = {}
     for folder in ablations:
         if not (folder / "summary.csv").exists():
+            print(f"evidence.py: {folder} has no summary.csv; its ρ cells stay empty "
+                  "(pass an ablation folder, e.g. results/ablate-mnist1d)", file=sys.stderr)  # fmt: skip
             continue
         for row in _rows(folder / "summary.csv"):
             ablation.setdefault(row["task"], []).append(row)
