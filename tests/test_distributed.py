@@ -28,11 +28,13 @@ import grng
 from grng.curvature import KroneckerLayer
 from grng.distributed import (
     DataParallel,
+    DistributedInfo,
     SingleProcess,
     assign_by_cost,
     describe_mismatch,
     init_from_env,
     make_distributor,
+    shutdown,
 )
 from tests.cases import VARIANTS
 
@@ -478,6 +480,22 @@ def test_init_from_env_without_torchrun_is_single_process(monkeypatch: pytest.Mo
     assert (info.rank, info.world_size, info.backend, info.initialized_here) == (0, 1, None, False)
     assert info.is_main and info.local_batch(10) == slice(0, 10)
     assert not dist.is_initialized()
+
+
+def test_shutdown_barrier_before_destroy_gloo_exit_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the barrier the first rank to exit aborted at teardown under load
+    # ("terminate called without an active exception"), 8 of 50 torchrun launches.
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    cpu = torch.device("cpu")
+    shutdown(DistributedInfo(0, 2, 0, "gloo", cpu, initialized_here=True))
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    shutdown(DistributedInfo(0, 1, 0, "gloo", cpu, initialized_here=True))
+    shutdown(DistributedInfo(0, 2, 0, "gloo", cpu, initialized_here=False))  # not ours
+    assert calls == ["destroy"]
 
 
 def test_describe_mismatch_names_the_first_differing_line() -> None:
