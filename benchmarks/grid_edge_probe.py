@@ -44,7 +44,12 @@ GRID_STEP = 10**0.5
 def edge_probes(
     records: list[dict[str, Any]], grid_size: int
 ) -> list[tuple[str, str, float, float]]:
-    """``(task, optimizer, chosen lr, probe lr)`` for every edge choice in ``records``."""
+    """``(task, optimizer, chosen lr, probe lr)`` for every edge choice in ``records``.
+
+    The probe lies beyond the chosen edge, and also beyond the other edge when that one
+    scored the same: a tie across the grid (an optimizer that did not move off its
+    starting score at any rate) is broken toward the smaller rate by the benchmark, which
+    says nothing about which side is worth trying."""
     probes = []
     pairs = sorted({(r["task"], r["optimizer"]) for r in records if r.get("phase") == "tune"})
     for task_name, optimizer in pairs:
@@ -55,10 +60,20 @@ def edge_probes(
         if chosen is None:
             continue
         grid = lr_grid(task.lr_centre(optimizer, OPTIMIZERS[optimizer].default_lr), grid_size)
-        if math.isclose(chosen, max(grid), rel_tol=1e-6):
-            probes.append((task_name, optimizer, chosen, chosen * GRID_STEP))
-        elif math.isclose(chosen, min(grid), rel_tol=1e-6):
-            probes.append((task_name, optimizer, chosen, chosen / GRID_STEP))
+        score = {min(grid): None, max(grid): None}
+        for r in tuned:
+            for edge in score:
+                if math.isclose(r["lr"], edge, rel_tol=1e-6):
+                    score[edge] = r["val_score"]
+        best = next(r["val_score"] for r in tuned if math.isclose(r["lr"], chosen, rel_tol=1e-6))
+        for edge, beyond in (
+            (min(grid), min(grid) / GRID_STEP),
+            (max(grid), max(grid) * GRID_STEP),
+        ):
+            at_edge = math.isclose(chosen, edge, rel_tol=1e-6)
+            tied = best is not None and score[edge] == best
+            if at_edge or tied:
+                probes.append((task_name, optimizer, chosen, beyond))
     return probes
 
 
