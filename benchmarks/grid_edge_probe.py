@@ -111,11 +111,18 @@ def main() -> None:
         chosen_val = next(r["val_score"] for r in records if r.get("phase") == "tune"
                           and (r["task"], r["optimizer"]) == (task_name, optimizer)
                           and math.isclose(r["lr"], chosen))  # fmt: skip
-        better = choose_lr([{"lr": chosen, "val_score": chosen_val},
-                            {"lr": probe, "val_score": probe_val}], task) == probe  # fmt: skip
+        verdict = _verdict(chosen, chosen_val, probe, probe_val, task)
         print(f"| {task_name} | {optimizer} | {chosen:.3g} | {_score(chosen_val)} | "
-              f"{probe:.3g} | {_score(probe_val)} | "
-              f"{'would choose the probe' if better else 'same choice'} |", flush=True)  # fmt: skip
+              f"{probe:.3g} | {_score(probe_val)} | {verdict} |", flush=True)  # fmt: skip
+
+
+def _verdict(chosen: float, chosen_val: float | None, probe: float, probe_val: float | None,
+             task: Any) -> str:  # fmt: skip
+    """Whether the benchmark's rule would pick the probe over the chosen rate."""
+    if chosen_val == probe_val:
+        return "tie (no signal)"
+    pair = [{"lr": chosen, "val_score": chosen_val}, {"lr": probe, "val_score": probe_val}]
+    return "would choose the probe" if choose_lr(pair, task) == probe else "same choice"
 
 
 def _score(value: float | None) -> str:
