@@ -99,8 +99,13 @@ def rho_change(ablation: list[dict[str, str]], key: str) -> list[str]:
     for name in ABLATED:
         mine = {float(r["rho"]): _num(r[key]) for r in ablation if r["optimizer"] == name}
         if mine.get(0.0) is not None and mine.get(1.0) is not None:
-            parts.append(f"{NAMES[name]} {mine[0.0]:#.3g} → {mine[1.0]:#.3g}")
+            parts.append(f"{NAMES[name]} {_sig3(mine[0.0])} → {_sig3(mine[1.0])}")
     return parts
+
+
+def _sig3(value: float) -> str:
+    """Three significant digits, trailing zeros kept (13.0), no bare point (155, not 155.)."""
+    return f"{value:#.3g}".removesuffix(".")
 
 
 def rkalman(rows: dict[str, dict[str, str]], tunes: list[dict[str, Any]],
