@@ -43,8 +43,9 @@ GRID_STEP = 10**0.5
 
 def edge_probes(
     records: list[dict[str, Any]], grid_size: int
-) -> list[tuple[str, str, float, float]]:
-    """``(task, optimizer, chosen lr, probe lr)`` for every edge choice in ``records``.
+) -> list[tuple[str, str, float, float | None, float]]:
+    """``(task, optimizer, chosen lr, its validation score, probe lr)`` for every edge
+    choice in ``records``.
 
     The probe lies beyond the chosen edge, and also beyond the other edge when that one
     scored the same: a tie across the grid (an optimizer that did not move off its
@@ -59,22 +60,19 @@ def edge_probes(
         chosen = choose_lr(tuned, task)
         if chosen is None:
             continue
+        best = _val_at(tuned, chosen)
         grid = lr_grid(task.lr_centre(optimizer, OPTIMIZERS[optimizer].default_lr), grid_size)
-        score = {min(grid): None, max(grid): None}
-        for r in tuned:
-            for edge in score:
-                if math.isclose(r["lr"], edge, rel_tol=1e-6):
-                    score[edge] = r["val_score"]
-        best = next(r["val_score"] for r in tuned if math.isclose(r["lr"], chosen, rel_tol=1e-6))
-        for edge, beyond in (
-            (min(grid), min(grid) / GRID_STEP),
-            (max(grid), max(grid) * GRID_STEP),
-        ):
+        for edge, beyond in ((grid[0], grid[0] / GRID_STEP), (grid[-1], grid[-1] * GRID_STEP)):
             at_edge = math.isclose(chosen, edge, rel_tol=1e-6)
-            tied = best is not None and score[edge] == best
+            tied = best is not None and _val_at(tuned, edge) == best
             if at_edge or tied:
-                probes.append((task_name, optimizer, chosen, beyond))
+                probes.append((task_name, optimizer, chosen, best, beyond))
     return probes
+
+
+def _val_at(tuned: list[dict[str, Any]], lr: float) -> float | None:
+    """The validation score of the tuning run at ``lr`` (None: diverged or not run)."""
+    return next((r["val_score"] for r in tuned if math.isclose(r["lr"], lr, rel_tol=1e-6)), None)
 
 
 def main() -> None:
@@ -91,10 +89,13 @@ def main() -> None:
                  stamp={"commit": git_commit(), "grng_version": grng.__version__})  # fmt: skip
     done = log.finished()
     wanted = None if args.optimizers is None else set(args.optimizers.split(","))
+    if wanted is not None and not wanted <= OPTIMIZERS.keys():
+        parser.error(f"--optimizers: unknown {sorted(wanted - OPTIMIZERS.keys())}; "
+                     f"valid: {', '.join(OPTIMIZERS)}")  # fmt: skip
     loaded: dict[str, Any] = {}
     print("| task | optimizer | chosen lr | its val | probe lr | probe val | wider grid |")
     print("|---|---|---:|---:|---:|---:|---|")
-    for task_name, optimizer, chosen, probe in edge_probes(records, protocol.lr_grid):
+    for task_name, optimizer, chosen, chosen_val, probe in edge_probes(records, protocol.lr_grid):
         if wanted is not None and optimizer not in wanted:
             continue
         task = get_task(task_name)
@@ -106,11 +107,7 @@ def main() -> None:
             spec = OPTIMIZERS[optimizer]
             log.append(train_run(run, task, spec, loaded[task_name], protocol,
                                  torch.device(args.device)))  # fmt: skip
-        probed = log.of(task_name, optimizer, "tune")
-        probe_val = next(r["val_score"] for r in probed if math.isclose(r["lr"], probe))
-        chosen_val = next(r["val_score"] for r in records if r.get("phase") == "tune"
-                          and (r["task"], r["optimizer"]) == (task_name, optimizer)
-                          and math.isclose(r["lr"], chosen))  # fmt: skip
+        probe_val = _val_at(log.of(task_name, optimizer, "tune"), probe)
         verdict = _verdict(chosen, chosen_val, probe, probe_val, task)
         print(f"| {task_name} | {optimizer} | {chosen:.3g} | {_score(chosen_val)} | "
               f"{probe:.3g} | {_score(probe_val)} | {verdict} |", flush=True)  # fmt: skip

@@ -43,7 +43,8 @@ def test_probes_beyond_edge_choices_only() -> None:
     bottom = _tuning("sgd", 0.1, [0.7, 0.6, 0.5])
     inside = _tuning("kfac", 0.03, [0.5, 0.7, 0.6])
     found = {
-        (o, round(math.log10(p), 3)) for _, o, _, p in probe.edge_probes(top + bottom + inside, 3)
+        (o, round(math.log10(p), 3))
+        for _, o, _, _, p in probe.edge_probes(top + bottom + inside, 3)
     }
     assert found == {("adamw", round(math.log10(1e-2), 3)), ("sgd", round(math.log10(1e-2), 3))}
 
@@ -55,7 +56,8 @@ def test_a_tie_across_the_grid_probes_both_sides() -> None:
     flat = _tuning("sam", 0.1, [0.5555, 0.5555, 0.5555])
     probes = probe.edge_probes(flat, 3)
     assert [round(math.log10(p), 3) for *_, p in probes] == [-2.0, 0.0]
-    assert all(math.isclose(chosen, 10**-1.5) for _, _, chosen, _ in probes)
+    assert all(math.isclose(chosen, 10**-1.5) for _, _, chosen, _, _ in probes)
+    assert all(score == 0.5555 for *_, score, _ in probes)
 
 
 def test_verdict_names_ties_and_follows_the_benchmark_rule() -> None:
