@@ -9,6 +9,8 @@ costs more than the training.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import inspect
 import os
 import sys
@@ -224,10 +226,11 @@ def _worker(rank: int, init_file: str, out_dir: str, scenario: str) -> None:
     dist.barrier()
     # Leave without tearing gloo down: even after a barrier a rank occasionally
     # aborted at teardown ("terminate called without an active exception",
-    # SIGABRT; CI, 2026-12-01, in the mismatch scenario), the gloo race that
-    # grng.distributed.shutdown narrows for users. What the test checks is
-    # already on disk, so the worker skips destroy_process_group and the
-    # interpreter's C++ destructors.
+    # SIGABRT; CI, 2026-12-01, in the mismatch scenario), because the scenarios'
+    # DDP wrappers sit in reference cycles and keep the group alive into
+    # interpreter teardown (grng.distributed.shutdown collects them at exit).
+    # What the test checks is already on disk, so the worker skips
+    # destroy_process_group and the interpreter's C++ destructors.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -489,20 +492,29 @@ def test_init_from_env_without_torchrun_is_single_process(monkeypatch: pytest.Mo
     assert not dist.is_initialized()
 
 
-def test_shutdown_barrier_before_destroy_gloo_exit_race(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without the barrier the first rank to exit aborted at teardown under load
-    # ("terminate called without an active exception"), 8 of 50 torchrun launches.
+def test_shutdown_barrier_and_collection_at_exit_gloo_teardown_abort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without them a rank aborted at teardown under load ("terminate called without an
+    # active exception"): DDP, in reference cycles, kept the group alive until the
+    # interpreter was being torn down. 8 of 50 torchrun launches; 5 of 60 with the
+    # barrier alone.
     calls: list[str] = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    at_exit: list[Callable[[], Any]] = []
+    monkeypatch.setattr(atexit, "register", at_exit.append)
+    monkeypatch.setattr(atexit, "unregister", lambda f: at_exit.remove(f) if f in at_exit else None)
     cpu = torch.device("cpu")
     shutdown(DistributedInfo(0, 2, 0, "gloo", cpu, initialized_here=True))
     assert calls == ["barrier", "destroy"]
+    assert at_exit == [gc.collect]
     calls.clear()
     shutdown(DistributedInfo(0, 1, 0, "gloo", cpu, initialized_here=True))
     shutdown(DistributedInfo(0, 2, 0, "gloo", cpu, initialized_here=False))  # not ours
     assert calls == ["destroy"]
+    assert at_exit == [gc.collect]  # once, however often shutdown runs
 
 
 def test_describe_mismatch_names_the_first_differing_line() -> None:
